@@ -1,0 +1,191 @@
+"""Benchmark harness: TLS echo servers under four workloads, peers side by side.
+
+Every measurement gets a fresh server process on the server core (core 0)
+while the load generator runs on core 1. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from benchmarks import report, sysinfo
+from benchmarks.certs import TLSFiles, client_context, echo_once, load_context, make_tls_files
+from benchmarks.procs import ServerFailed, ServerProcess, log_tail, raise_nofile_limit, stop_all
+from benchmarks.targets import FAMILIES, SCALING, SERVERS, ServerSpec, free_port
+from benchmarks.workloads.base import Measurement, Params, Target, Workload
+from benchmarks.workloads.handshake import HANDSHAKE
+from benchmarks.workloads.memory import MEMORY
+from benchmarks.workloads.streaming import BULK, SMALL
+
+WORKLOADS = {w.name: w for w in (HANDSHAKE, BULK, SMALL, MEMORY)}
+SCALING_WORKLOAD = replace(HANDSHAKE, name="scaling")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+READY_TIMEOUT = 20.0
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
+    p.add_argument(
+        "--servers",
+        default=",".join(FAMILIES),
+        help=f"comma-separated subset of {','.join(FAMILIES)}",
+    )
+    p.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated subset of {','.join([*WORKLOADS, 'scaling'])}",
+    )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also run the multi-process handshake comparison (unpinned)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="1 round, short windows (about 2 minutes in all)"
+    )
+    p.add_argument("--rounds", type=int, help="rounds per measurement (default 3)")
+    p.add_argument("--duration", type=float, help="seconds per measured window (default 10)")
+    p.add_argument("--warmup", type=float, help="seconds of traffic before each window")
+    p.add_argument("--handshake-clients", type=int, default=4)
+    p.add_argument("--bulk-connections", type=int, default=4)
+    p.add_argument("--small-connections", type=int, default=64)
+    p.add_argument("--idle-connections", type=int, default=1000)
+    p.add_argument("--json", type=Path, help="results file (default benchmarks/results/<ts>.json)")
+    p.add_argument("--keep-logs", action="store_true", help="print where server logs are kept")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (2.0 if args.quick else 10.0)
+    args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
+    return args
+
+
+def _split(value: str, known: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Workload, ServerSpec]]:
+    """The (workload, server) pairs of one round, in order."""
+    families = _split(args.servers, FAMILIES, "servers")
+    names = _split(args.workloads, [*WORKLOADS, "scaling"], "workloads")
+    pairs = [
+        (WORKLOADS[w], s) for w in names if w != "scaling" for s in SERVERS if s.family in families
+    ]
+    if args.scaling or "scaling" in names:
+        pairs += [(SCALING_WORKLOAD, s) for s in SCALING if s.family in families]
+    return pairs
+
+
+def measure(
+    workload: Workload, spec: ServerSpec, tls: TLSFiles, params: Params, logs: Path
+) -> Measurement | str:
+    """One measurement on a fresh server; a failure comes back as its reason."""
+    port = free_port()
+    ctx = client_context(tls.cafile)
+    log = logs / f"{workload.name}-{spec.name.replace(' ', '_')}-{port}.log"
+    pinned = spec.pinned and params.client_cpus is not None
+    os.sched_setaffinity(0, params.client_cpus if pinned else _all_cpus())
+    if not pinned:
+        params = replace(params, client_cpus=None)
+    try:
+        with ServerProcess(
+            spec.argv(port, tls), log_path=log, cpus={SERVER_CPU} if pinned else None
+        ) as server:
+            server.wait_ready(lambda: echo_once(ctx, port, timeout=2.0), READY_TIMEOUT)
+            return workload.run(Target(server, port, tls.cafile, load_context()), params)
+    except ServerFailed as e:
+        return str(e)
+    except Exception as e:  # a crashed server shows up as many kinds of errors
+        tail = log_tail(log)
+        detail = f"{type(e).__name__}: {e}" + (f" | server: {tail}" if tail else "")
+        if os.environ.get("BENCH_DEBUG"):
+            traceback.print_exc()
+        return detail
+
+
+def _all_cpus() -> set[int]:
+    return set(range(os.cpu_count() or 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks; print the table; write the JSON file."""
+    args = parse_args(argv)
+    pairs = plan(args)
+    if not pairs:
+        raise SystemExit("nothing to run")
+    atexit.register(stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    raise_nofile_limit()
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    params = Params(
+        duration=args.duration,
+        warmup=args.warmup,
+        handshake_clients=args.handshake_clients,
+        bulk_connections=args.bulk_connections,
+        small_connections=args.small_connections,
+        idle_connections=args.idle_connections,
+        client_cpus=(CLIENT_CPU,) if two_cores else None,
+    )
+    settings = {
+        "rounds": args.rounds,
+        **asdict(params),
+        "server_cpus": [SERVER_CPU] if two_cores else "any",
+    }
+    meta = sysinfo.collect()
+    print(report.header(meta, settings), flush=True)
+    rows: dict[tuple[str, str], report.Row] = {}
+    for workload, spec in pairs:
+        rows[workload.name, spec.name] = report.Row(workload, spec.name, spec.baseline)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="securetcp-bench-") as tmp:
+        tls = make_tls_files(Path(tmp))
+        logs = (
+            Path(tempfile.mkdtemp(prefix="securetcp-bench-logs-")) if args.keep_logs else Path(tmp)
+        )
+        for r in range(args.rounds):
+            for workload, spec in pairs:
+                result = measure(workload, spec, tls, params, logs)
+                rows[workload.name, spec.name].rounds.append(result)
+                print(
+                    f"  round {r + 1}/{args.rounds} {workload.name:<9} {spec.name:<22} "
+                    f"{_summary(result, workload)}",
+                    flush=True,
+                )
+    elapsed = time.monotonic() - started
+    print()
+    print(report.table(list(rows.values())))
+    print(report.NOTES)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.json or RESULTS_DIR / f"{stamp}.json"
+    report.to_json(
+        path, {**meta, "elapsed_seconds": round(elapsed, 1)}, settings, list(rows.values())
+    )
+    print(
+        f"took {elapsed:.0f}s; results in {path}" + (f"; logs in {logs}" if args.keep_logs else "")
+    )
+    return 0
+
+
+def _summary(result: Measurement | str, workload: Workload) -> str:
+    if isinstance(result, str):
+        return f"FAILED: {result[:200]}"
+    per_cpu = f", {result.per_cpu:,.1f} {workload.cpu_unit}" if result.per_cpu else ""
+    return (
+        f"{result.value:,.1f} {workload.unit}{per_cpu} "
+        f"(srv CPU {100 * result.server_cpu:.0f}%, gen {100 * result.client_cpu:.0f}%)"
+    )

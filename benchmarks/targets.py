@@ -1,0 +1,79 @@
+"""The servers under test and how to start them."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.certs import HOST, TLSFiles
+
+SERVERS_DIR = Path(__file__).resolve().parent / "servers"
+BASELINE = "tornado"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One row of the report: a server script and its arguments.
+
+    ``family`` is the name ``--servers`` selects it by; ``pinned`` servers run
+    on the server core, the others (the scaling rows) wherever the kernel
+    puts them.
+    """
+
+    name: str
+    family: str
+    script: str
+    args: tuple[str, ...] = ()
+    pinned: bool = True
+    baseline: bool = False
+
+    def argv(self, port: int, tls: TLSFiles) -> list[str]:
+        """The command line that starts this server on ``port``."""
+        return [
+            sys.executable,
+            str(SERVERS_DIR / self.script),
+            "--port",
+            str(port),
+            "--host",
+            HOST,
+            "--certfile",
+            str(tls.certfile),
+            "--keyfile",
+            str(tls.keyfile),
+            *self.args,
+        ]
+
+
+SERVERS = [
+    ServerSpec("tornado", "tornado", "tornado_echo.py", baseline=True),
+    ServerSpec("asyncio", "asyncio", "asyncio_echo.py"),
+    ServerSpec("uvloop", "uvloop", "asyncio_echo.py", ("--loop", "uvloop")),
+    ServerSpec("securetcp", "securetcp", "securetcp_echo.py"),
+    ServerSpec("securetcp-uvloop", "securetcp-uvloop", "securetcp_echo.py", ("--loop", "uvloop")),
+]
+
+_FORK2 = ("--mode", "fork", "--processes", "2")
+SCALING = [
+    ServerSpec("tornado x1", "tornado", "tornado_echo.py", pinned=False, baseline=True),
+    ServerSpec("tornado fork x2", "tornado", "tornado_echo.py", _FORK2, pinned=False),
+    ServerSpec("securetcp x1", "securetcp", "securetcp_echo.py", pinned=False),
+    ServerSpec("securetcp fork x2", "securetcp", "securetcp_echo.py", _FORK2, pinned=False),
+    ServerSpec(
+        "securetcp reuseport x2",
+        "securetcp",
+        "securetcp_echo.py",
+        ("--mode", "reuseport", "--processes", "2"),
+        pinned=False,
+    ),
+]
+
+FAMILIES = [spec.family for spec in SERVERS]
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])

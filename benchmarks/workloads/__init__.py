@@ -1,0 +1,1 @@
+"""The workloads: each measures one server process over a timed window."""

@@ -1,0 +1,39 @@
+"""securetcp: a TLS-first TCP server toolkit on asyncio.
+
+The public API, re-exported from the modules that define it.
+"""
+
+from securetcp.certs import PeerIdentity
+from securetcp.iostream import (
+    IOStream,
+    SSLIOStream,
+    StreamBufferFullError,
+    StreamClosedError,
+    UnsatisfiableReadError,
+)
+from securetcp.netutil import add_accept_handler, bind_sockets, bind_unix_socket
+from securetcp.process import cpu_count, fork_processes, task_id
+from securetcp.tcpserver import ServerStats, TCPServer
+from securetcp.tls import SSLOptionsError, TLSConfig, ssl_options_to_context
+
+__all__ = [
+    "IOStream",
+    "PeerIdentity",
+    "SSLIOStream",
+    "SSLOptionsError",
+    "ServerStats",
+    "StreamBufferFullError",
+    "StreamClosedError",
+    "TCPServer",
+    "TLSConfig",
+    "UnsatisfiableReadError",
+    "add_accept_handler",
+    "bind_sockets",
+    "bind_unix_socket",
+    "cpu_count",
+    "fork_processes",
+    "ssl_options_to_context",
+    "task_id",
+]
+
+__version__ = "0.1.0"

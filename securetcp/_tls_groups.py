@@ -1,0 +1,179 @@
+"""Restrict the key-exchange groups of an ``ssl.SSLContext``.
+
+Mozilla's server-side TLS guidelines (v5.7) name the groups X25519,
+prime256v1 and secp384r1. OpenSSL 3 offers more by default (X448,
+secp521r1, ffdhe*), which scanners such as sslyze report. The stdlib ``ssl``
+module before Python 3.15 can only pin one group (``set_ecdh_curve``), so:
+
+1. ``SSLContext.set_groups`` is used when the running Python has it;
+2. otherwise OpenSSL's ``SSL_CTX_set1_groups_list`` (a macro over
+   ``SSL_CTX_ctrl``) is called through ctypes on the context's ``SSL_CTX*``.
+   The symbols are looked up through the ``_ssl`` extension module, so they
+   come from the very libssl that Python uses, and the pointer is read from
+   the ``PySSLContext`` struct, whose first field after ``PyObject_HEAD`` has
+   been ``SSL_CTX *ctx`` in every CPython release from 2.7 to 3.14.
+   Before it is used on a real context, the whole path is proven once on a
+   throw-away context: the library version must equal
+   ``ssl.OPENSSL_VERSION_NUMBER``, ``SSL_CTX_get_options`` must track
+   ``SSLContext.options``, and groups set through it must appear, and be
+   the only ones, in the ClientHello that context produces;
+3. if any step fails, ``set_ecdh_curve("prime256v1")`` is the fallback
+   (one Mozilla group; X25519 is then not offered) and one warning is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import platform
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["set_groups"]
+
+log = logging.getLogger("securetcp.tls")
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list
+_PROBE_GROUPS = ("X25519", "secp384r1")
+_PROBE_IDS = (0x001D, 0x0018)  # their TLS codepoints (RFC 8446, section 4.2.7)
+_EXT_SUPPORTED_GROUPS = 10
+_FALLBACK_GROUP = "prime256v1"
+
+
+@dataclass(frozen=True)
+class _LibSSL:
+    ctx_ctrl: Callable[..., int]
+    get_options: Callable[..., int]
+    clear_errors: Callable[[], None]
+
+
+def _ssl_ctx_pointer(context: ssl.SSLContext) -> int:
+    """The ``SSL_CTX*`` held by a CPython ``PySSLContext`` (0 if not found)."""
+    offset = object.__basicsize__  # sizeof(PyObject): PyObject_HEAD, any build
+    if type(context).__basicsize__ < offset + ctypes.sizeof(ctypes.c_void_p):
+        return 0
+    return ctypes.c_void_p.from_address(id(context) + offset).value or 0
+
+
+def _open_libssl() -> _LibSSL:
+    import _ssl
+
+    # dlsym on the _ssl module's handle also searches its dependencies (libssl).
+    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+    version = lib.OpenSSL_version_num
+    version.restype = ctypes.c_ulong
+    version.argtypes = []
+    if version() != ssl.OPENSSL_VERSION_NUMBER:
+        raise OSError("the libssl found is not the one the ssl module uses")
+
+    vp, c_long = ctypes.c_void_p, ctypes.c_long
+    ctx_ctrl = lib.SSL_CTX_ctrl
+    ctx_ctrl.restype, ctx_ctrl.argtypes = c_long, [vp, ctypes.c_int, c_long, vp]
+    get_options = lib.SSL_CTX_get_options
+    get_options.restype, get_options.argtypes = ctypes.c_uint64, [vp]
+    clear_errors = lib.ERR_clear_error
+    clear_errors.restype, clear_errors.argtypes = None, []
+    return _LibSSL(ctx_ctrl, get_options, clear_errors)
+
+
+def _ctrl_set_groups(lib: _LibSSL, context: ssl.SSLContext, groups: str) -> bool:
+    pointer = _ssl_ctx_pointer(context)
+    if not pointer:
+        return False
+    buffer = ctypes.create_string_buffer(groups.encode("ascii"))
+    if lib.ctx_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, ctypes.addressof(buffer)) == 1:
+        return True
+    lib.clear_errors()  # leave no stale error for the ssl module to trip on
+    return False
+
+
+def _offered_groups(context: ssl.SSLContext) -> tuple[int, ...]:
+    """Group ids in the supported_groups extension of a ClientHello from ``context``.
+
+    The hello is produced in memory (no socket) and parsed just enough to
+    read that one extension, so this checks exactly what goes on the wire.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=False)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return _supported_groups(outgoing.read())
+
+
+def _supported_groups(record: bytes) -> tuple[int, ...]:
+    # record header (5) + handshake header (4) + version (2) + random (32)
+    pos = 5 + 4 + 2 + 32
+    pos += 1 + record[pos]  # session id
+    pos += 2 + int.from_bytes(record[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + record[pos]  # compression methods
+    end = pos + 2 + int.from_bytes(record[pos : pos + 2], "big")
+    pos += 2
+    while pos + 4 <= end:
+        kind = int.from_bytes(record[pos : pos + 2], "big")
+        size = int.from_bytes(record[pos + 2 : pos + 4], "big")
+        if kind == _EXT_SUPPORTED_GROUPS:
+            body = record[pos + 6 : pos + 4 + size]
+            return tuple(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
+        pos += 4 + size
+    return ()
+
+
+def _prove(lib: _LibSSL) -> None:
+    """Check the ctypes path on a throw-away context; raise if anything is off."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    pointer = _ssl_ctx_pointer(probe)
+    if not pointer:
+        raise OSError("no SSL_CTX pointer in the SSLContext object")
+    for options in (probe.options | ssl.OP_NO_TICKET, probe.options & ~ssl.OP_NO_TICKET):
+        probe.options = options
+        if lib.get_options(pointer) != int(probe.options):
+            raise OSError("SSL_CTX_get_options does not match SSLContext.options")
+    if not _ctrl_set_groups(lib, probe, ":".join(_PROBE_GROUPS)):
+        raise OSError("SSL_CTX_set1_groups_list failed")
+    if _offered_groups(probe) != _PROBE_IDS:
+        raise OSError("groups set through SSL_CTX_ctrl did not read back")
+
+
+@functools.lru_cache(maxsize=1)
+def _proven_libssl() -> _LibSSL | None:
+    if platform.python_implementation() != "CPython":
+        log.warning("cannot restrict TLS groups on %s", platform.python_implementation())
+        return None
+    try:
+        lib = _open_libssl()
+        _prove(lib)
+    except (OSError, AttributeError, TypeError, ValueError) as exc:
+        log.warning(
+            "cannot restrict TLS key-exchange groups through OpenSSL (%s); "
+            "falling back to the single group %s",
+            exc,
+            _FALLBACK_GROUP,
+        )
+        return None
+    return lib
+
+
+def set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
+    """Limit ``context`` to ``groups`` (OpenSSL names), best effort.
+
+    Returns True if the exact list was set, False if the fallback
+    (``set_ecdh_curve("prime256v1")``) was used instead. Raises ValueError if
+    OpenSSL rejects a group name.
+    """
+    group_list = ":".join(groups)
+    native = getattr(context, "set_groups", None)
+    if native is not None:  # Python 3.15+
+        native(group_list)
+        return True
+    lib = _proven_libssl()
+    if lib is not None:
+        if not _ctrl_set_groups(lib, context, group_list):
+            raise ValueError(f"OpenSSL rejected the group list {group_list!r}")
+        return True
+    context.set_ecdh_curve(_FALLBACK_GROUP)
+    return False

@@ -1,0 +1,807 @@
+"""Non-blocking byte streams over sockets, driven by the running asyncio loop.
+
+`IOStream` wraps a connected socket; `SSLIOStream` wraps an `ssl.SSLSocket`
+whose handshake has been deferred (``do_handshake_on_connect=False``) and is
+driven here by readiness events, never blocking the loop.
+
+Design notes (these are the hot paths of every server):
+
+* Readiness comes from ``loop.add_reader``/``loop.add_writer`` on the file
+  descriptor, which works on the default selector loop and under uvloop. The
+  reader stays registered for the life of the connection (one registration,
+  not one per read); it is only dropped to apply backpressure.
+* Every ``recv_into`` lands in one scratch buffer shared by all the streams of
+  a thread, so an idle connection holds no receive buffer of its own. Data is
+  copied out once: straight into the returned ``bytes`` when a read can be
+  satisfied at once, otherwise into the stream's own ``bytearray``.
+* ``write()`` tries ``send`` at once; only what the kernel does not take is
+  queued, and the returned future resolves once the data is handed to it.
+* OpenSSL may hold decrypted bytes that the socket no longer signals
+  (``SSLSocket.pending()``); those are drained without waiting for readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from securetcp.certs import PeerIdentity, peer_identity_from_der
+from securetcp.tls import SERVER_NAME_ATTRIBUTE
+
+__all__ = [
+    "IOStream",
+    "SSLIOStream",
+    "StreamBufferFullError",
+    "StreamClosedError",
+    "UnsatisfiableReadError",
+]
+
+DEFAULT_MAX_BUFFER_SIZE = 100 * 1024 * 1024
+DEFAULT_READ_CHUNK_SIZE = 64 * 1024
+# Unconsumed data a stream buffers before it stops reading from the socket
+# (the kernel's receive window then pushes back on the peer).
+_HIGH_WATER = 256 * 1024
+# Small writes queued behind a blocked one are merged up to this size, so a
+# burst of tiny messages becomes one send (and one TLS record), not many.
+_COALESCE_LIMIT = 64 * 1024
+_TLS_RECORD = 16384
+
+_CONNRESET_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN}
+)
+
+
+class StreamClosedError(IOError):
+    """The stream was closed; `real_error` holds the cause, if there was one."""
+
+    def __init__(self, real_error: BaseException | None = None) -> None:
+        message = "Stream is closed"
+        if real_error is not None:
+            message = f"{message}: {real_error!r}"
+        super().__init__(message)
+        self.real_error = real_error
+
+
+class UnsatisfiableReadError(Exception):
+    """A read cannot be satisfied (e.g. ``read_until`` past ``max_bytes``)."""
+
+
+class StreamBufferFullError(Exception):
+    """More data was buffered for a pending read than ``max_buffer_size`` allows."""
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(size: int) -> memoryview:
+    """Return this thread's shared receive buffer of at least `size` bytes.
+
+    Streams of one thread run on one event loop, one callback at a time, and
+    copy data out before returning, so they can share a single buffer.
+    """
+    buffer: memoryview | None = getattr(_scratch, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = memoryview(bytearray(size))
+        _scratch.buffer = buffer
+    return buffer
+
+
+def _silence(future: asyncio.Future[Any]) -> None:
+    # Write futures are often not awaited (fire-and-forget writes, as in
+    # tornado); retrieving the exception keeps asyncio from logging it.
+    if not future.cancelled():
+        future.exception()
+
+
+# Kinds of pending read.
+_READ_BYTES = 1
+_READ_UNTIL = 2
+_READ_CLOSE = 3
+_READ_INTO = 4
+
+
+class IOStream:
+    """A non-blocking, buffered byte stream over a connected socket.
+
+    Reads return futures; only one read may be pending at a time. Writes
+    return futures that resolve once the data has been handed to the kernel;
+    they may be awaited or not (a later write is queued behind them).
+    """
+
+    __slots__ = (
+        "_bytes_received",
+        "_bytes_sent",
+        "_close_callback",
+        "_closed",
+        "_eof",
+        "_fd",
+        "_last_activity",
+        "_loop",
+        "_max_buffer_size",
+        "_rbuf",
+        "_read_arg",
+        "_read_future",
+        "_read_kind",
+        "_read_limit",
+        "_read_partial",
+        "_reading",
+        "_scratch",
+        "_sock",
+        "_wqueue",
+        "_wfutures",
+        "_wsize",
+        "_writing",
+        "error",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        max_buffer_size: int | None = None,
+        read_chunk_size: int | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._max_buffer_size = max_buffer_size or DEFAULT_MAX_BUFFER_SIZE
+        self._scratch = _scratch_buffer(read_chunk_size or DEFAULT_READ_CHUNK_SIZE)
+        if read_chunk_size:
+            self._scratch = self._scratch[:read_chunk_size]
+        self._rbuf = bytearray()
+        self._read_future: asyncio.Future[Any] | None = None
+        self._read_kind = 0
+        self._read_arg: Any = None
+        self._read_limit: int | None = None
+        self._read_partial = False
+        self._reading = False
+        self._eof = False
+        self._wqueue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self._wsize = 0
+        self._wfutures: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._writing = False
+        self._bytes_received = 0
+        self._bytes_sent = 0
+        self._closed = False
+        self._close_callback: Callable[[], object] | None = None
+        self._last_activity = self._loop.time()
+        #: The exception that closed the stream, if any.
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ info
+
+    @property
+    def socket(self) -> socket.socket:
+        """The underlying socket."""
+        return self._sock
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the socket so far (after decryption for TLS)."""
+        return self._bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes handed to the socket so far (before encryption for TLS)."""
+        return self._bytes_sent
+
+    @property
+    def last_activity(self) -> float:
+        """`loop.time()` of the last read or write on the socket."""
+        return self._last_activity
+
+    def closed(self) -> bool:
+        """Whether the stream has been closed."""
+        return self._closed
+
+    def set_close_callback(self, callback: Callable[[], object] | None) -> None:
+        """Call `callback()` (soon, from the loop) once the stream closes."""
+        self._close_callback = callback
+        if self._closed and callback is not None:
+            self._close_callback = None
+            self._loop.call_soon(callback)
+
+    def set_nodelay(self, value: bool) -> None:
+        """Set TCP_NODELAY (disable Nagle) on a TCP socket; no-op otherwise."""
+        if self._closed or self._sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        try:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if value else 0)
+        except OSError as e:
+            # The peer may already have reset the connection.
+            if e.errno != errno.EINVAL:
+                raise
+
+    # ----------------------------------------------------------------- reads
+
+    def read_bytes(self, num_bytes: int, partial: bool = False) -> asyncio.Future[bytes]:
+        """Read `num_bytes` bytes; with `partial`, return as soon as any arrive."""
+        if num_bytes < 0:
+            raise ValueError("num_bytes must be >= 0")
+        return self._start_read(_READ_BYTES, num_bytes, None, partial)
+
+    def read_until(self, delimiter: bytes, max_bytes: int | None = None) -> asyncio.Future[bytes]:
+        """Read up to and including `delimiter`.
+
+        With `max_bytes`, fails with `UnsatisfiableReadError` (and closes the
+        stream) if the delimiter is not found within that many bytes.
+        """
+        if not delimiter:
+            raise ValueError("delimiter must not be empty")
+        return self._start_read(_READ_UNTIL, bytes(delimiter), max_bytes, False)
+
+    def read_until_close(self) -> asyncio.Future[bytes]:
+        """Read everything until the peer closes the connection."""
+        return self._start_read(_READ_CLOSE, None, None, False)
+
+    def read_into(self, buffer: bytearray | memoryview, partial: bool = False) -> asyncio.Future[int]:
+        """Fill `buffer`; with `partial`, return once any bytes arrive. Resolves to the count."""
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise TypeError("read_into needs a writable buffer")
+        return self._start_read(_READ_INTO, view, None, partial)
+
+    def _start_read(
+        self, kind: int, arg: Any, limit: int | None, partial: bool
+    ) -> asyncio.Future[Any]:
+        if self._read_future is not None:
+            raise RuntimeError("Already reading")
+        future = self._loop.create_future()
+        self._read_future = future
+        self._read_kind = kind
+        self._read_arg = arg
+        self._read_limit = limit
+        self._read_partial = partial
+        if self._rbuf and self._satisfy_read():
+            return future
+        if self._closed or self._eof:
+            self._fail_read(self.error)
+            return future
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+            # Decrypted bytes inside OpenSSL: the socket will not signal them.
+            self._on_readable()
+        elif not self._reading and not self._closed:
+            self._add_reader()
+        return future
+
+    def _satisfy_read(self) -> bool:
+        """Complete the pending read from the buffer if possible."""
+        buf = self._rbuf
+        kind = self._read_kind
+        size = len(buf)
+        result: Any
+        if kind == _READ_BYTES:
+            wanted: int = self._read_arg
+            if size < wanted and not (self._read_partial and size):
+                return self._check_buffer_limit(wanted)
+            n = min(size, wanted)
+            result = bytes(buf[:n])
+            del buf[:n]
+        elif kind == _READ_UNTIL:
+            delimiter: bytes = self._read_arg
+            index = buf.find(delimiter)
+            limit = self._read_limit
+            if index == -1:
+                if limit is not None and size >= limit:
+                    self.close(UnsatisfiableReadError(f"delimiter not found within {limit} bytes"))
+                    return True
+                return self._check_buffer_limit(size + 1)
+            end = index + len(delimiter)
+            if limit is not None and end > limit:
+                self.close(UnsatisfiableReadError(f"delimiter not found within {limit} bytes"))
+                return True
+            result = bytes(buf[:end])
+            del buf[:end]
+        elif kind == _READ_INTO:
+            view: memoryview = self._read_arg
+            wanted = len(view)
+            if size < wanted and not (self._read_partial and size):
+                return False
+            n = min(size, wanted)
+            view[:n] = buf[:n]
+            del buf[:n]
+            result = n
+        else:  # _READ_CLOSE completes only at end of stream
+            return self._check_buffer_limit(size + 1)
+        self._resolve_read(result)
+        return True
+
+    def _check_buffer_limit(self, needed: int) -> bool:
+        if needed > self._max_buffer_size:
+            self.close(StreamBufferFullError(f"reached max_buffer_size ({self._max_buffer_size})"))
+            return True
+        return False
+
+    def _resolve_read(self, result: Any) -> None:
+        future = self._read_future
+        self._read_future = None
+        self._read_arg = None
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _fail_read(self, error: BaseException | None) -> None:
+        future = self._read_future
+        if future is None:
+            return
+        if self._read_kind == _READ_CLOSE and not isinstance(error, StreamBufferFullError):
+            # Reading until close ends normally when the stream ends.
+            result = bytes(self._rbuf)
+            self._rbuf.clear()
+            self._resolve_read(result)
+            return
+        if self._read_partial and self._rbuf:
+            self._satisfy_read()
+            return
+        self._read_future = None
+        self._read_arg = None
+        if not future.done():
+            if isinstance(error, (UnsatisfiableReadError, StreamBufferFullError)):
+                future.set_exception(error)
+            else:
+                future.set_exception(StreamClosedError(real_error=error))
+
+    def _add_reader(self) -> None:
+        self._reading = True
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    def _remove_reader(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        scratch = self._scratch
+        is_ssl = isinstance(sock, ssl.SSLSocket)
+        full = len(scratch)
+        while True:
+            try:
+                n = sock.recv_into(scratch)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:
+                # Rare (TLS renegotiation/key update): retry once writable.
+                self._want_write_for_read()
+                return
+            except (ssl.SSLError, OSError) as e:
+                self.close(e)
+                return
+            if n == 0:
+                self._on_eof()
+                return
+            self._bytes_received += n
+            self._last_activity = self._loop.time()
+            future = self._read_future
+            if (
+                future is not None
+                and self._read_kind == _READ_BYTES
+                and not self._rbuf
+                and (self._read_partial or n == self._read_arg)
+            ):
+                # Fast path: hand the fresh bytes straight to the reader.
+                wanted: int = self._read_arg
+                if n <= wanted:
+                    self._resolve_read(bytes(scratch[:n]))
+                else:
+                    self._resolve_read(bytes(scratch[:wanted]))
+                    self._rbuf += scratch[wanted:n]
+            else:
+                self._rbuf += scratch[:n]
+                if future is not None:
+                    self._satisfy_read()
+                    if self._closed:
+                        return
+            if self._read_future is None and len(self._rbuf) >= _HIGH_WATER:
+                # Nobody is consuming: stop reading until someone does.
+                self._remove_reader()
+                return
+            # Keep reading only where more data is likely: a full buffer for
+            # plain sockets, a full record or already-decrypted bytes for TLS.
+            if is_ssl:
+                assert isinstance(sock, ssl.SSLSocket)
+                if n < _TLS_RECORD and not sock.pending():
+                    return
+            elif n < full:
+                return
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._remove_reader()
+        if self._wqueue:
+            # Let queued writes reach the peer first; close once flushed.
+            self._fail_read(None)
+        else:
+            self.close()
+
+    def _want_write_for_read(self) -> None:
+        self._loop.add_writer(self._fd, self._on_writable)
+        self._writing = True
+
+    # ---------------------------------------------------------------- writes
+
+    def write(self, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
+        """Queue `data` for sending; the future resolves once the kernel has it."""
+        future = self._loop.create_future()
+        if self._closed:
+            future.set_exception(StreamClosedError(real_error=self.error))
+            future.add_done_callback(_silence)
+            return future
+        if not data:
+            future.set_result(None)
+            return future
+        if not self._wqueue:
+            sent = self._send(data)
+            if sent < 0:
+                future.add_done_callback(_silence)
+                future.set_exception(StreamClosedError(real_error=self.error))
+                return future
+            if sent == len(data):
+                future.set_result(None)
+                return future
+            data = memoryview(data)[sent:]
+            self._wqueue.append(data)
+            self._wsize = len(data)
+        else:
+            tail = self._wqueue[-1]
+            if (
+                len(self._wqueue) > 1
+                and isinstance(tail, bytearray)
+                and len(tail) + len(data) <= _COALESCE_LIMIT
+            ):
+                tail += data
+            elif len(data) < _COALESCE_LIMIT:
+                self._wqueue.append(bytearray(data))
+            else:
+                self._wqueue.append(data)
+            self._wsize += len(data)
+        future.add_done_callback(_silence)
+        self._wfutures.append((self._bytes_sent + self._wsize, future))
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
+        return future
+
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the socket takes now: the count, or -1 if the stream closed."""
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            return 0
+        except ssl.SSLWantReadError:
+            # TLS needs to read first (key update); the reader is registered.
+            if not self._reading:
+                self._add_reader()
+            return 0
+        except (ssl.SSLError, OSError) as e:
+            self.close(e)
+            return -1
+        self._bytes_sent += sent
+        self._last_activity = self._loop.time()
+        return sent
+
+    def _on_writable(self) -> None:
+        queue = self._wqueue
+        while queue:
+            head = queue[0]
+            sent = self._send(head)
+            if sent < 0:
+                return
+            if sent == 0:
+                break
+            self._wsize -= sent
+            if sent == len(head):
+                queue.popleft()
+            else:
+                # Plain sockets send partially; TLS sends all or nothing and
+                # must be retried with the same buffer, which this keeps.
+                queue[0] = memoryview(head)[sent:]
+                break
+        futures = self._wfutures
+        total = self._bytes_sent
+        while futures and futures[0][0] <= total:
+            future = futures.popleft()[1]
+            if not future.done():
+                future.set_result(None)
+        if not queue:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+            if self._eof:
+                self.close()
+            elif self._read_future is not None and isinstance(self._sock, ssl.SSLSocket):
+                # A read may have been waiting for writability (rare TLS case).
+                self._on_readable()
+
+    # ----------------------------------------------------------------- close
+
+    def close(self, exc_info: BaseException | None = None) -> None:
+        """Close the stream, waking every pending reader and writer.
+
+        Pending reads and writes fail with `StreamClosedError` whose
+        `real_error` is `exc_info` (the cause), if given.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if exc_info is not None and self.error is None:
+            self.error = exc_info
+        loop = self._loop
+        if self._reading:
+            self._reading = False
+            loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            loop.remove_writer(self._fd)
+        self._close_socket(graceful=exc_info is None)
+        self._fail_read(self.error)
+        error = StreamClosedError(real_error=self.error)
+        while self._wfutures:
+            future = self._wfutures.popleft()[1]
+            if not future.done():
+                future.set_exception(error)
+        self._wqueue.clear()
+        self._wsize = 0
+        callback = self._close_callback
+        if callback is not None:
+            self._close_callback = None
+            loop.call_soon(callback)
+
+    def _close_socket(self, graceful: bool) -> None:
+        self._sock.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"<{type(self).__name__} {state}>"
+
+
+class SSLIOStream(IOStream):
+    """An `IOStream` over an `ssl.SSLSocket` whose handshake is driven here.
+
+    The socket must come from ``SSLContext.wrap_socket(...,
+    do_handshake_on_connect=False)``. Reads and writes issued before the
+    handshake completes wait for it.
+    """
+
+    __slots__ = (
+        "_handshake_callback",
+        "_handshake_done",
+        "_handshake_future",
+        "_handshake_timer",
+        "_peer_identity",
+        "_peer_identity_parsed",
+        "handshake_error",
+    )
+
+    _sock: ssl.SSLSocket
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        *,
+        max_buffer_size: int | None = None,
+        read_chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(sock, max_buffer_size=max_buffer_size, read_chunk_size=read_chunk_size)
+        self._handshake_done = False
+        self._handshake_future: asyncio.Future[None] | None = None
+        self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._peer_identity: PeerIdentity | None = None
+        self._peer_identity_parsed = False
+        #: Why the handshake failed, if it did.
+        self.handshake_error: BaseException | None = None
+
+    # -------------------------------------------------------------- handshake
+
+    def start_handshake(
+        self,
+        callback: Callable[[SSLIOStream, BaseException | None], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Begin the handshake now; `callback(stream, error)` runs when it ends.
+
+        On failure or after `timeout` seconds the stream is closed and
+        `error` says why (`TimeoutError` for the deadline).
+        """
+        if self._handshake_callback is not None or self._handshake_done:
+            raise RuntimeError("handshake already started")
+        self._handshake_callback = callback
+        if timeout is not None:
+            self._handshake_timer = self._loop.call_later(timeout, self._on_handshake_timeout)
+        self._step_handshake()
+
+    def wait_for_handshake(self) -> asyncio.Future[None]:
+        """Future resolving once the handshake has completed (starting it if needed)."""
+        if self._handshake_future is None:
+            self._handshake_future = self._loop.create_future()
+            if self._handshake_done:
+                self._handshake_future.set_result(None)
+            elif self._closed:
+                self._handshake_future.set_exception(
+                    StreamClosedError(real_error=self.handshake_error or self.error)
+                )
+            elif self._handshake_callback is None:
+                self.start_handshake()
+        return self._handshake_future
+
+    def _step_handshake(self) -> None:
+        try:
+            self._sock.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+            if not self._reading:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._step_handshake)
+            return
+        except ssl.SSLWantWriteError:
+            if self._reading:
+                self._reading = False
+                self._loop.remove_reader(self._fd)
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self._fd, self._step_handshake)
+            return
+        except (ssl.SSLError, OSError, ValueError) as e:
+            # ValueError: the socket was closed under us.
+            self._finish_handshake(e)
+            return
+        self._finish_handshake(None)
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if not self._handshake_done and not self._closed:
+            self._finish_handshake(TimeoutError("TLS handshake timed out"))
+
+    def _finish_handshake(self, error: BaseException | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        loop = self._loop
+        if self._reading:
+            self._reading = False
+            loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            loop.remove_writer(self._fd)
+        if error is None:
+            self._handshake_done = True
+            self._last_activity = loop.time()
+        else:
+            self.handshake_error = error
+            self.close(error)
+        callback = self._handshake_callback
+        self._handshake_callback = None
+        if callback is not None:
+            callback(self, error)
+        future = self._handshake_future
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(StreamClosedError(real_error=error))
+        if error is None and not self._closed:
+            # Resume I/O that was requested while the handshake ran.
+            if self._wqueue:
+                self._writing = True
+                loop.add_writer(self._fd, self._on_writable)
+            if self._read_future is not None:
+                if self._rbuf and self._satisfy_read():
+                    return
+                if self._sock.pending():
+                    self._on_readable()
+                if not self._reading and not self._closed and self._read_future is not None:
+                    self._add_reader()
+
+    # While the handshake runs, reads and writes are queued, not attempted.
+
+    def _add_reader(self) -> None:
+        if self._handshake_done:
+            super()._add_reader()
+
+    def _on_readable(self) -> None:
+        if self._handshake_done:
+            super()._on_readable()
+
+    def write(self, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
+        """Queue `data` for sending (after the handshake, if it is still running)."""
+        if self._handshake_done or self._closed:
+            return super().write(data)
+        future = self._loop.create_future()
+        future.add_done_callback(_silence)
+        if data:
+            self._wqueue.append(bytes(data))
+            self._wsize += len(data)
+            self._wfutures.append((self._bytes_sent + self._wsize, future))
+        else:
+            future.set_result(None)
+        return future
+
+    def _close_socket(self, graceful: bool) -> None:
+        if graceful and self._handshake_done:
+            # Send close_notify so the peer sees a clean end of stream; the
+            # peer's reply is not awaited.
+            try:
+                self._sock.unwrap()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+        self._sock.close()
+
+    def close(self, exc_info: BaseException | None = None) -> None:
+        """Close the stream (see `IOStream.close`); a running handshake fails."""
+        if self._closed:
+            return
+        if not self._handshake_done and self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        super().close(exc_info)
+        if not self._handshake_done:
+            self.handshake_error = self.handshake_error or exc_info or StreamClosedError()
+            future = self._handshake_future
+            if future is not None and not future.done():
+                future.set_exception(StreamClosedError(real_error=self.handshake_error))
+
+    # ------------------------------------------------------------- TLS facts
+
+    @property
+    def handshake_done(self) -> bool:
+        """Whether the TLS handshake has completed."""
+        return self._handshake_done
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's certificate as `SSLSocket.getpeercert()` gives it, or None."""
+        try:
+            cert = self._sock.getpeercert()
+        except (ValueError, OSError):
+            return None
+        return dict(cert) if cert else None
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """Who the peer is, from its certificate (parsed once), or None without one."""
+        if not self._peer_identity_parsed:
+            self._peer_identity_parsed = True
+            try:
+                der = self._sock.getpeercert(binary_form=True)
+            except (ValueError, OSError):
+                der = None
+            if der:
+                self._peer_identity = peer_identity_from_der(der)
+        return self._peer_identity
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI host name the client sent, or None."""
+        name = getattr(self._sock, SERVER_NAME_ATTRIBUTE, None)
+        return name if isinstance(name, str) else None
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The ALPN protocol agreed with the client, or None."""
+        try:
+            return self._sock.selected_alpn_protocol()
+        except (ValueError, OSError):
+            return None
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated protocol version, as `SSLSocket.version()`."""
+        try:
+            return self._sock.version()
+        except (ValueError, OSError):
+            return None
+
+    @property
+    def cipher(self) -> tuple[str, str, int] | None:
+        """The negotiated cipher, as `SSLSocket.cipher()`."""
+        try:
+            return self._sock.cipher()
+        except (ValueError, OSError):
+            return None

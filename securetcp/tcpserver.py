@@ -1,0 +1,574 @@
+"""TCPServer: accept connections, complete TLS handshakes, hand streams to you.
+
+Subclass `TCPServer` and override `handle_stream(stream, address)`. Three ways
+to start it, as in tornado::
+
+    server = EchoServer(ssl_options=...)       # 1. one process
+    server.listen(8443)
+    server.run()
+
+    server.bind(8443)                          # 2. pre-forked, via start()
+    server.start(0)                            #    (forks one child per CPU)
+    server.run()
+
+    sockets = bind_sockets(8443)               # 3. pre-forked, by hand
+    fork_processes(0)
+    server.add_sockets(sockets)
+    server.run()
+
+With TLS, each accepted socket is wrapped with a deferred handshake that the
+event loop drives under `handshake_timeout`; `handle_stream` only ever sees
+connections whose handshake completed. Failures are closed quietly, logged
+(rate-limited) and counted in `stats.failures` by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import inspect
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from securetcp.iostream import IOStream, SSLIOStream
+from securetcp.netutil import add_accept_handler, bind_sockets
+from securetcp.process import fork_processes
+from securetcp.tls import ServerTLS, make_server_tls
+
+__all__ = ["ServerStats", "TCPServer"]
+
+log = logging.getLogger("securetcp.tcpserver")
+
+SSLOptions = Any  # None | dict[str, Any] | ssl.SSLContext | TLSConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStats:
+    """A snapshot of a server's counters."""
+
+    accepted: int
+    """Connections accepted from the listening sockets."""
+    active: int
+    """Connections open now (in handshake or being served)."""
+    handshakes: int
+    """TLS handshakes completed."""
+    rejected: int
+    """Connections refused after accepting: not authorized, or over a limit."""
+    bytes_received: int
+    """Application bytes read from clients (after decryption)."""
+    bytes_sent: int
+    """Application bytes written to clients (before encryption)."""
+    failures: dict[str, int]
+    """Handshake failures by reason: "timeout", "eof", "plaintext", "protocol",
+    "certificate", "peer_alert", "sni", "unauthorized"."""
+    handler_errors: int = 0
+    """Exceptions raised by `handle_stream`."""
+
+
+# OpenSSL reason codes that say what went wrong in a failed handshake.
+_PLAINTEXT_REASONS = frozenset(
+    {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"}
+)
+_CERTIFICATE_REASONS = frozenset(
+    {
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+        "CERTIFICATE_VERIFY_FAILED",
+        "NO_CERTIFICATE_RETURNED",
+        "CERTIFICATE_REQUIRED",
+    }
+)
+_EOF_REASONS = frozenset({"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"})
+
+
+def classify_handshake_error(error: BaseException) -> str:
+    """Name the reason a TLS handshake failed, for `ServerStats.failures`."""
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate"
+    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+        return "eof"
+    if isinstance(error, ssl.SSLError):
+        reason = getattr(error, "reason", None) or ""  # None or unset when built by hand
+        if reason in _PLAINTEXT_REASONS:
+            return "plaintext"
+        if reason in _CERTIFICATE_REASONS:
+            return "certificate"
+        if reason in _EOF_REASONS:
+            return "eof"
+        if reason == "CALLBACK_FAILED" or "UNRECOGNIZED_NAME" in reason:
+            # Our only callback that fails a handshake is strict SNI's refusal.
+            return "sni"
+        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_")):
+            return "peer_alert"
+        return "protocol"
+    if isinstance(error, OSError):
+        return "eof"
+    return "protocol"
+
+
+class _RateLimitedLog:
+    """At most `burst` lines per `period` seconds; the rest are counted and summarised."""
+
+    __slots__ = ("_burst", "_count", "_logger", "_period", "_suppressed", "_window_start")
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 10.0) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._period = period
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def info(self, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        now = time.monotonic()
+        if now - self._window_start >= self._period:
+            if self._suppressed:
+                self._logger.info(
+                    "%d more similar messages suppressed in the last %.0f s",
+                    self._suppressed,
+                    self._period,
+                )
+            self._window_start = now
+            self._count = 0
+            self._suppressed = 0
+        if self._count < self._burst:
+            self._count += 1
+            self._logger.info(message, *args)
+        else:
+            self._suppressed += 1
+
+
+
+
+class TCPServer:
+    """A non-blocking TCP server, TLS-first. Override `handle_stream`.
+
+    `ssl_options` may be None (plain TCP), a dict with tornado's keys, an
+    `ssl.SSLContext` (used as given) or a `TLSConfig`; it is validated here,
+    at construction, and raises `SSLOptionsError` if anything is wrong.
+    """
+
+    def __init__(
+        self,
+        ssl_options: SSLOptions = None,
+        *,
+        max_buffer_size: int | None = None,
+        read_chunk_size: int | None = None,
+        handshake_timeout: float | None = 10.0,
+        idle_timeout: float | None = None,
+        max_connections: int | None = None,
+    ) -> None:
+        if handshake_timeout is not None and handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive or None")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive or None")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError("max_connections must be at least 1 or None")
+        self.ssl_options = ssl_options
+        self._tls: ServerTLS | None = make_server_tls(ssl_options)
+        self.max_buffer_size = max_buffer_size
+        self.read_chunk_size = read_chunk_size
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+
+        self._sockets: dict[int, socket.socket] = {}  # fd -> listening socket
+        self._accept_removers: dict[int, Callable[[], None]] = {}
+        self._pending_sockets: list[socket.socket] = []  # from bind(), for start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False  # handlers installed (not paused, not stopped)
+        self._stopped = False
+        self._started = False
+        self._streams: set[IOStream] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed_event: asyncio.Event | None = None
+        self._closing = False
+        self._idle_timers: dict[IOStream, asyncio.TimerHandle] = {}
+        self._fail_log = _RateLimitedLog(log)
+
+        self._accepted = 0
+        self._handshakes = 0
+        self._rejected = 0
+        self._handler_errors = 0
+        self._bytes_received_closed = 0
+        self._bytes_sent_closed = 0
+        self._failures: dict[str, int] = {}
+
+    # ------------------------------------------------------------ sockets
+
+    def listen(
+        self,
+        port: int,
+        address: str | None = None,
+        *,
+        family: socket.AddressFamily = socket.AF_UNSPEC,
+        backlog: int = 128,
+        flags: int | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """Bind to `port` on `address` and start accepting (once a loop runs).
+
+        May be called several times to listen on several ports or addresses.
+        """
+        sockets = bind_sockets(
+            port, address, family=family, backlog=backlog, flags=flags, reuse_port=reuse_port
+        )
+        self.add_sockets(sockets)
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Accept connections on these listening sockets (from `bind_sockets`)."""
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+        self._stopped = False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: serve_forever() or run() starts accepting
+        self._attach_loop()
+
+    def add_socket(self, sock: socket.socket) -> None:
+        """Accept connections on one listening socket."""
+        self.add_sockets([sock])
+
+    def bind(
+        self,
+        port: int,
+        address: str | None = None,
+        *,
+        family: socket.AddressFamily = socket.AF_UNSPEC,
+        backlog: int = 128,
+        flags: int | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """Bind sockets now; `start()` begins accepting on them (maybe after forking)."""
+        self._pending_sockets.extend(
+            bind_sockets(
+                port, address, family=family, backlog=backlog, flags=flags, reuse_port=reuse_port
+            )
+        )
+
+    def start(self, num_processes: int | None = 1, max_restarts: int | None = None) -> None:
+        """Start serving the sockets from `bind()`, forking first if `num_processes != 1`.
+
+        `num_processes` None or <= 0 forks one process per CPU. Call it before
+        any event loop runs; then `run()` in every process.
+        """
+        if num_processes != 1:
+            fork_processes(num_processes, 100 if max_restarts is None else max_restarts)
+        sockets, self._pending_sockets = self._pending_sockets, []
+        self.add_sockets(sockets)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets."""
+        return list(self._sockets.values())
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening sockets; open connections go on.
+
+        Idempotent, and safe to call from `handle_stream`.
+        """
+        self._stopped = True
+        self._pause_accepting()
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    # --------------------------------------------------------------- loop
+
+    def _loop_is_current(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _attach_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("this TCPServer already runs on another event loop")
+        if self._loop is None:
+            self._loop = loop
+            self._closed_event = asyncio.Event()
+            if self._tls is not None:
+                self._tls.start_reloading()
+        if not self._stopped:
+            self._resume_accepting()
+
+    async def serve_forever(self) -> None:
+        """Accept and serve connections until `close()` completes."""
+        self._attach_loop()
+        assert self._closed_event is not None
+        await self._closed_event.wait()
+
+    def run(self) -> None:
+        """Serve until SIGINT or SIGTERM, then close gracefully (SIGHUP reloads certificates)."""
+
+        async def main() -> None:
+            self._attach_loop()
+            loop = asyncio.get_running_loop()
+            installed: list[int] = []
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self._on_stop_signal, sig)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass  # not the main thread, or no signals here
+            if self._tls is not None and hasattr(signal, "SIGHUP"):
+                try:
+                    loop.add_signal_handler(signal.SIGHUP, self._tls.reload)
+                    installed.append(signal.SIGHUP)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+            try:
+                await self.serve_forever()
+            finally:
+                for signum in installed:
+                    loop.remove_signal_handler(signum)
+
+        asyncio.run(main())
+
+    def _on_stop_signal(self, sig: int) -> None:
+        log.info("received %s, closing", signal.Signals(sig).name)
+        if not self._closing:
+            task = asyncio.ensure_future(self.close(timeout=30.0))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, let handlers finish (up to `timeout` s), then close the rest."""
+        self.stop()
+        self._closing = True
+        # Connections still in their handshake never reached a handler.
+        for stream in list(self._streams):
+            if isinstance(stream, SSLIOStream) and not stream.handshake_done:
+                stream.close()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        for stream in list(self._streams):
+            stream.close()
+        # Handlers woken by the closes get a moment to unwind, then are cancelled.
+        tasks = [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=1.0)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        if self._tls is not None:
+            self._tls.stop_reloading()
+        if self._closed_event is not None:
+            self._closed_event.set()
+
+    # ------------------------------------------------------------- accept
+
+    def _resume_accepting(self) -> None:
+        # Not skipped when already accepting: sockets added since need handlers.
+        if self._stopped:
+            return
+        if self.max_connections is not None and len(self._streams) >= self.max_connections:
+            return
+        self._accepting = True
+        for fd, sock in self._sockets.items():
+            if fd not in self._accept_removers:
+                self._accept_removers[fd] = add_accept_handler(sock, self._on_accept)
+
+    def _pause_accepting(self) -> None:
+        self._accepting = False
+        removers = list(self._accept_removers.values())
+        self._accept_removers.clear()
+        for remove in removers:
+            remove()
+
+    def _on_accept(self, conn: socket.socket, address: Any) -> None:
+        self._accepted += 1
+        if conn.family != socket.AF_UNIX:
+            # Nagle would stall each TLS 1.3 handshake ~40 ms on the session
+            # tickets, and small replies in general.
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        tls = self._tls
+        stream: IOStream
+        try:
+            if tls is None:
+                stream = IOStream(
+                    conn, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
+                )
+            else:
+                conn.setblocking(False)
+                ssl_sock = tls.context.wrap_socket(
+                    conn, server_side=True, do_handshake_on_connect=False
+                )
+                stream = SSLIOStream(
+                    ssl_sock,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                )
+        except (OSError, ValueError, ssl.SSLError) as e:
+            # Reset before we could wrap it: count it like a handshake EOF.
+            conn.close()
+            self._count_failure("eof", address, e)
+            return
+        self._streams.add(stream)
+        stream.set_close_callback(lambda: self._on_stream_closed(stream))
+        if self.max_connections is not None and len(self._streams) >= self.max_connections:
+            # Further clients wait in the kernel's backlog until a slot frees.
+            self._pause_accepting()
+        if isinstance(stream, SSLIOStream):
+            stream.start_handshake(
+                lambda s, error: self._on_handshake(s, address, error), self.handshake_timeout
+            )
+        else:
+            self._start_handler(stream, address)
+
+    def _on_handshake(self, stream: SSLIOStream, address: Any, error: BaseException | None) -> None:
+        if error is not None:
+            self._count_failure(classify_handshake_error(error), address, error)
+            return
+        self._handshakes += 1
+        tls = self._tls
+        if tls is not None and tls.authorize is not None:
+            identity = stream.peer_identity
+            try:
+                allowed = identity is not None and bool(tls.authorize(identity))
+            except Exception:
+                log.exception("authorize() raised for %s; refusing the peer", address)
+                allowed = False
+            if not allowed:
+                self._rejected += 1
+                self._count_failure("unauthorized", address, None, identity)
+                stream.close()
+                return
+        self._start_handler(stream, address)
+
+    def _count_failure(
+        self, reason: str, address: Any, error: BaseException | None, detail: object = None
+    ) -> None:
+        self._failures[reason] = self._failures.get(reason, 0) + 1
+        self._fail_log.info(
+            "TLS handshake with %s failed (%s): %s",
+            _format_address(address),
+            reason,
+            detail if error is None else error,
+        )
+
+    def _start_handler(self, stream: IOStream, address: Any) -> None:
+        if self.idle_timeout is not None:
+            self._arm_idle_timer(stream, self.idle_timeout)
+        try:
+            result = self.handle_stream(stream, address)
+        except Exception:
+            self._handler_failed(stream, address)
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(lambda t: self._on_handler_done(t, stream, address))
+
+    def _on_handler_done(self, task: asyncio.Task[Any], stream: IOStream, address: Any) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            stream.close()
+            return
+        error = task.exception()
+        if error is not None:
+            self._handler_failed(stream, address, error)
+
+    def _handler_failed(
+        self, stream: IOStream, address: Any, error: BaseException | None = None
+    ) -> None:
+        self._handler_errors += 1
+        if error is None:
+            log.exception("Error in handle_stream for %s", _format_address(address))
+        else:
+            log.error(
+                "Error in handle_stream for %s",
+                _format_address(address),
+                exc_info=(type(error), error, error.__traceback__),
+            )
+        stream.close()
+
+    def _on_stream_closed(self, stream: IOStream) -> None:
+        self._streams.discard(stream)
+        self._bytes_received_closed += stream.bytes_received
+        self._bytes_sent_closed += stream.bytes_sent
+        timer = self._idle_timers.pop(stream, None)
+        if timer is not None:
+            timer.cancel()
+        if (
+            not self._accepting
+            and not self._stopped
+            and self.max_connections is not None
+            and len(self._streams) < self.max_connections
+        ):
+            self._resume_accepting()
+
+    # ---------------------------------------------------------- idle timer
+
+    def _arm_idle_timer(self, stream: IOStream, delay: float) -> None:
+        assert self._loop is not None
+        self._idle_timers[stream] = self._loop.call_later(delay, self._check_idle, stream)
+
+    def _check_idle(self, stream: IOStream) -> None:
+        # One timer per connection, re-armed lazily: activity only updates a
+        # timestamp, so busy connections cost no timer churn.
+        assert self._loop is not None and self.idle_timeout is not None
+        if stream.closed():
+            self._idle_timers.pop(stream, None)
+            return
+        idle_for = self._loop.time() - stream.last_activity
+        if idle_for >= self.idle_timeout:
+            self._idle_timers.pop(stream, None)
+            stream.close(TimeoutError(f"idle for {idle_for:.1f} s"))
+        else:
+            self._arm_idle_timer(stream, self.idle_timeout - idle_for)
+
+    # --------------------------------------------------------------- stats
+
+    @property
+    def stats(self) -> ServerStats:
+        """A snapshot of this server's counters."""
+        received = self._bytes_received_closed
+        sent = self._bytes_sent_closed
+        for stream in self._streams:
+            received += stream.bytes_received
+            sent += stream.bytes_sent
+        return ServerStats(
+            accepted=self._accepted,
+            active=len(self._streams),
+            handshakes=self._handshakes,
+            rejected=self._rejected,
+            bytes_received=received,
+            bytes_sent=sent,
+            failures=dict(self._failures),
+            handler_errors=self._handler_errors,
+        )
+
+    # ------------------------------------------------------------ override
+
+    def handle_stream(self, stream: IOStream, address: Any) -> Any:
+        """Serve one connection; override this. May be a coroutine function.
+
+        With TLS, `stream` is an `SSLIOStream` whose handshake has completed.
+        The stream is yours: close it when done (the server closes it if this
+        raises, and at `close()`).
+        """
+        raise NotImplementedError
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address) or "unix socket"

@@ -1,0 +1,278 @@
+"""Helpers for the iostream and tcpserver tests: polling, socket pairs, TLS peers.
+
+Everything here uses real sockets on loopback and real TLS (the trustme PKI
+from conftest). Nothing sleeps to wait for a condition: `until` polls with a
+deadline and fails when it passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.tcpserver import TCPServer
+
+HOST = "127.0.0.1"
+
+
+async def until(
+    predicate: Callable[[], object], timeout: float = 5.0, message: str = "condition"
+) -> None:
+    """Poll `predicate` every few ms; fail once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        await asyncio.sleep(0.005)
+
+
+def server_context(pki: Any) -> ssl.SSLContext:
+    """A server-side context with the PKI's server certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
+    return context
+
+
+async def socket_pair(host: str = HOST) -> tuple[socket.socket, socket.socket]:
+    """A connected TCP pair on loopback: (accepted side, connecting side)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.bind((host, 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        client = socket.socket(family, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            await loop.sock_connect(client, listener.getsockname()[:2])
+            accepted, _ = await loop.sock_accept(listener)
+        except BaseException:
+            client.close()
+            raise
+    return accepted, client
+
+
+@contextlib.asynccontextmanager
+async def stream_pair(
+    kind: str, pki: Any, **server_kwargs: Any
+) -> AsyncIterator[tuple[IOStream, IOStream]]:
+    """(server stream, client stream), plain TCP or TLS with the handshake done."""
+    accepted, connecting = await socket_pair()
+    server: IOStream
+    client: IOStream
+    if kind == "plain":
+        server = IOStream(accepted, **server_kwargs)
+        client = IOStream(connecting)
+    else:
+        server_sock = server_context(pki).wrap_socket(
+            accepted, server_side=True, do_handshake_on_connect=False
+        )
+        client_sock = pki.client_context().wrap_socket(
+            connecting, server_hostname="localhost", do_handshake_on_connect=False
+        )
+        server = SSLIOStream(server_sock, **server_kwargs)
+        client = SSLIOStream(client_sock)
+        assert isinstance(server, SSLIOStream) and isinstance(client, SSLIOStream)
+        await asyncio.gather(server.wait_for_handshake(), client.wait_for_handshake())
+    try:
+        yield server, client
+    finally:
+        server.close()
+        client.close()
+
+
+class MemoryTLSClient:
+    """A TLS client on `ssl.SSLObject` over a plain socket: full control of the bytes.
+
+    It can send a burst of many TLS records at once, stop after part of a
+    ClientHello, or drop the TCP connection without a close_notify.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    @classmethod
+    async def connect(cls, sock: socket.socket, context: ssl.SSLContext) -> MemoryTLSClient:
+        """Wrap an already connected socket and complete the handshake."""
+        client = cls(sock, context)
+        await client.handshake()
+        return client
+
+    async def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _fill(self) -> None:
+        data = await self.loop.sock_recv(self.sock, 65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self._fill()
+        await self.flush()
+
+    def client_hello(self) -> bytes:
+        """The bytes of the ClientHello (before any handshake step was taken)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        return self.outgoing.read()
+
+    def records(self, chunks: list[bytes]) -> bytes:
+        """Encrypt each chunk as its own TLS record; return the wire bytes."""
+        for chunk in chunks:
+            self.tls.write(chunk)
+        return self.outgoing.read()
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self.flush()
+
+    async def recv(self, size: int = 65536) -> bytes:
+        """Decrypted bytes (b"" at the end of the stream)."""
+        while True:
+            try:
+                return self.tls.read(size)
+            except ssl.SSLWantReadError:
+                await self.flush()
+                await self._fill()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+
+    async def recv_exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = await self.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"got {len(data)} of {size} bytes")
+            data += chunk
+        return bytes(data)
+
+    def close(self) -> None:
+        """Drop the TCP connection without a TLS close_notify."""
+        self.sock.close()
+
+
+# ----------------------------------------------------------------- servers
+
+
+class EchoServer(TCPServer):
+    """Echoes every byte; remembers the streams it was handed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.streams: list[IOStream] = []
+        self.addresses: list[Any] = []
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+        self.streams.append(stream)
+        self.addresses.append(address)
+        try:
+            while True:
+                data = await stream.read_bytes(65536, partial=True)
+                await stream.write(data)
+        except StreamClosedError:
+            pass
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    server: TCPServer, address: str = HOST, close_timeout: float = 5.0
+) -> AsyncIterator[int]:
+    """Listen on an ephemeral port of `address`; close the server afterwards."""
+    server.listen(0, address)
+    port: int = server.sockets[0].getsockname()[1]
+    try:
+        yield port
+    finally:
+        await server.close(timeout=close_timeout)
+
+
+async def open_tls(
+    port: int, context: ssl.SSLContext, host: str = HOST
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An asyncio TLS client connection (an implementation independent of ours)."""
+    return await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, server_hostname="localhost"), 10
+    )
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+async def echo_once(port: int, context: ssl.SSLContext | None, payload: bytes) -> bytes:
+    """Connect, send `payload`, read as many bytes back, disconnect."""
+    if context is None:
+        reader, writer = await asyncio.open_connection(HOST, port)
+    else:
+        reader, writer = await open_tls(port, context)
+    try:
+        writer.write(payload)
+        return await asyncio.wait_for(reader.readexactly(len(payload)), 10)
+    finally:
+        await close_writer(writer)
+
+
+async def raw_connect(port: int, host: str = HOST) -> socket.socket:
+    """A plain, non-blocking TCP connection."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def read_to_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the peer sends until it closes (or resets) the connection."""
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+
+    async def read() -> None:
+        while True:
+            try:
+                chunk = await loop.sock_recv(sock, 65536)
+            except ConnectionError:
+                return
+            if not chunk:
+                return
+            data.extend(chunk)
+
+    await asyncio.wait_for(read(), timeout)
+    return bytes(data)
+
+
+async def tls_attempt(
+    port: int, context: ssl.SSLContext, payload: bytes = b"ping"
+) -> BaseException | None:
+    """Try a TLS conversation; return the error it ended with (None if it echoed)."""
+    try:
+        got = await echo_once(port, context, payload)
+    except (OSError, ssl.SSLError, EOFError, asyncio.IncompleteReadError) as e:
+        return e
+    assert got == payload
+    return None
