@@ -1,8 +1,8 @@
 """The `securetcp` command.
 
-    securetcp certs init [--dir certs] [--force]
-    securetcp certs show FILE
-    securetcp echo [--port 8443] [--address 127.0.0.1] [--certs certs] ...
+securetcp certs init [--dir certs] [--force]
+securetcp certs show FILE
+securetcp echo [--port 8443] [--address 127.0.0.1] [--certs certs] ...
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ def _certs_show(args: argparse.Namespace) -> int:
         identity = peer_identity_from_certificate(cert)
         print(f"subject:     {cert.subject.rfc4514_string()}")
         print(f"issuer:      {cert.issuer.rfc4514_string()}")
-        print(f"valid:       {identity.not_before:%Y-%m-%d %H:%M} .. {identity.not_after:%Y-%m-%d %H:%M} UTC")
-        names = [*identity.dns_names, *map(str, identity.ip_addresses), *identity.uris, *identity.emails]
+        valid = f"{identity.not_before:%Y-%m-%d %H:%M} .. {identity.not_after:%Y-%m-%d %H:%M}"
+        print(f"valid:       {valid} UTC")
+        names = [
+            *identity.dns_names,
+            *map(str, identity.ip_addresses),
+            *identity.uris,
+            *identity.emails,
+        ]
         print(f"names:       {', '.join(names) or '-'}")
         print(f"serial:      {identity.serial:x}")
         print(f"sha256:      {identity.fingerprint_sha256}")
@@ -67,9 +73,10 @@ def _echo(args: argparse.Namespace) -> int:
     print(f"TLS echo server on {host}:{port} (Ctrl-C to stop). Try:")
     print(f"  openssl s_client -connect {host}:{port} -CAfile {ca} -quiet")
     print(
-        "  python3 -c \"import socket, ssl; "
+        '  python3 -c "import socket, ssl; '
         f"c = ssl.create_default_context(cafile='{ca}'); "
-        f"s = c.wrap_socket(socket.create_connection(('{host}', {port})), server_hostname='localhost'); "
+        f"s = c.wrap_socket(socket.create_connection(('{host}', {port})), "
+        "server_hostname='localhost'); "
         "s.sendall(b'hello\\n'); print(s.recv(100))\""
     )
     if args.client_auth != "none":

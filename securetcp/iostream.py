@@ -133,10 +133,10 @@ class IOStream:
         "_reading",
         "_scratch",
         "_sock",
-        "_wqueue",
         "_wfutures",
-        "_wsize",
+        "_wqueue",
         "_writing",
+        "_wsize",
         "error",
     )
 
@@ -241,8 +241,10 @@ class IOStream:
         """Read everything until the peer closes the connection."""
         return self._start_read(_READ_CLOSE, None, None, False)
 
-    def read_into(self, buffer: bytearray | memoryview, partial: bool = False) -> asyncio.Future[int]:
-        """Fill `buffer`; with `partial`, return once any bytes arrive. Resolves to the count."""
+    def read_into(
+        self, buffer: bytearray | memoryview, partial: bool = False
+    ) -> asyncio.Future[int]:
+        """Fill `buffer` (with `partial`, once any bytes arrive); resolves to the count."""
         view = memoryview(buffer).cast("B")
         if view.readonly:
             raise TypeError("read_into needs a writable buffer")
@@ -251,7 +253,7 @@ class IOStream:
     def _start_read(
         self, kind: int, arg: Any, limit: int | None, partial: bool
     ) -> asyncio.Future[Any]:
-        if self._read_future is not None:
+        if self._read_future is not None and not self._read_future.done():
             raise RuntimeError("Already reading")
         future = self._loop.create_future()
         self._read_future = future
@@ -259,7 +261,9 @@ class IOStream:
         self._read_arg = arg
         self._read_limit = limit
         self._read_partial = partial
-        if self._rbuf and self._satisfy_read():
+        # A zero-length read needs no data: it completes now, even if none is buffered.
+        empty = (kind == _READ_BYTES and arg == 0) or (kind == _READ_INTO and not len(arg))
+        if (self._rbuf or empty) and self._satisfy_read():
             return future
         if self._closed or self._eof:
             self._fail_read(self.error)
@@ -273,6 +277,11 @@ class IOStream:
 
     def _satisfy_read(self) -> bool:
         """Complete the pending read from the buffer if possible."""
+        if self._read_future is None or self._read_future.done():
+            # Cancelled by its awaiter (e.g. asyncio.wait_for): drop it, keep the data.
+            self._read_future = None
+            self._read_arg = None
+            return False
         buf = self._rbuf
         kind = self._read_kind
         size = len(buf)
@@ -328,7 +337,9 @@ class IOStream:
 
     def _fail_read(self, error: BaseException | None) -> None:
         future = self._read_future
-        if future is None:
+        if future is None or future.done():
+            self._read_future = None  # cancelled by its awaiter
+            self._read_arg = None
             return
         if self._read_kind == _READ_CLOSE and not isinstance(error, StreamBufferFullError):
             # Reading until close ends normally when the stream ends.
@@ -381,6 +392,7 @@ class IOStream:
             future = self._read_future
             if (
                 future is not None
+                and not future.done()
                 and self._read_kind == _READ_BYTES
                 and not self._rbuf
                 and (self._read_partial or n == self._read_arg)
@@ -618,7 +630,8 @@ class SSLIOStream(IOStream):
 
     def wait_for_handshake(self) -> asyncio.Future[None]:
         """Future resolving once the handshake has completed (starting it if needed)."""
-        if self._handshake_future is None:
+        if self._handshake_future is None or self._handshake_future.cancelled():
+            # (A future cancelled by an earlier waiter's timeout is replaced.)
             self._handshake_future = self._loop.create_future()
             if self._handshake_done:
                 self._handshake_future.set_result(None)

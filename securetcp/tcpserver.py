@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import inspect
 import logging
 import signal
@@ -145,8 +144,6 @@ class _RateLimitedLog:
             self._logger.info(message, *args)
         else:
             self._suppressed += 1
-
-
 
 
 class TCPServer:
@@ -269,8 +266,8 @@ class TCPServer:
 
     @property
     def sockets(self) -> list[socket.socket]:
-        """The listening sockets."""
-        return list(self._sockets.values())
+        """The listening sockets (including those from `bind()` not yet started)."""
+        return list(self._sockets.values()) + self._pending_sockets
 
     def stop(self) -> None:
         """Stop accepting and close the listening sockets; open connections go on.
@@ -279,17 +276,12 @@ class TCPServer:
         """
         self._stopped = True
         self._pause_accepting()
-        for sock in self._sockets.values():
+        for sock in [*self._sockets.values(), *self._pending_sockets]:
             sock.close()
         self._sockets.clear()
+        self._pending_sockets.clear()
 
     # --------------------------------------------------------------- loop
-
-    def _loop_is_current(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
 
     def _attach_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -14,33 +14,32 @@ import ssl
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 pytest.importorskip("sslyze", reason="sslyze is not installed (pip install -e '.[test]')")
 
-from certbuilder import CertBuilder, Issued, KeyType  # noqa: E402
-from sslyze import (  # noqa: E402
-    CertificateInfoExtraArgument,
-    Scanner,
-    ScanCommandsExtraArguments,
-    ServerNetworkConfiguration,
-    ServerNetworkLocation,
-    ServerScanRequest,
-    ServerScanResult,
-    ServerScanStatusEnum,
-)
-from sslyze.mozilla_tls_profile.tls_config_checker import (  # noqa: E402
+from certbuilder import CertBuilder, Issued, KeyType
+from sslyze.mozilla_tls_profile.tls_config_checker import (
     SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER,
     MozillaTlsConfiguration,
     ServerNotCompliantWithTlsConfiguration,
     TlsConfigurationEnum,
     check_server_against_tls_configuration,
 )
+from sslyze.plugins.certificate_info.implementation import CertificateInfoExtraArgument
+from sslyze.scanner.models import (
+    ScanCommandsExtraArguments,
+    ServerScanRequest,
+    ServerScanResult,
+    ServerScanStatusEnum,
+)
+from sslyze.scanner.scanner import Scanner
+from sslyze.server_setting import ServerNetworkConfiguration, ServerNetworkLocation
 
-from securetcp.services.echo import EchoServer  # noqa: E402
-from securetcp.tls import TLSConfig  # noqa: E402
+from securetcp.services.echo import EchoServer
+from securetcp.tls import TLSConfig
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -61,6 +60,8 @@ ALLOWED_FINDINGS: frozenset[str] = frozenset()
 #: The key-exchange groups Mozilla allows, as sslyze names them.
 MOZILLA_CURVES = {"X25519", "secp256r1", "secp384r1"}
 SERVER_START_TIMEOUT = 10.0
+
+Profile = Literal["modern", "intermediate"]
 
 
 class ServerThread:
@@ -132,7 +133,7 @@ def scan(port: int, ca_file: Path) -> ServerScanResult:
     return result
 
 
-def mozilla_findings(result: ServerScanResult, profile: str) -> dict[str, str]:
+def mozilla_findings(result: ServerScanResult, profile: Profile) -> dict[str, str]:
     """The checker's findings (key -> message); {} when compliant."""
     config = MozillaTlsConfiguration.get(TlsConfigurationEnum(profile))
     try:
@@ -157,7 +158,9 @@ def localhost_cert(ca: CertBuilder, key_type: KeyType) -> Issued:
     ("profile", "key_type"),
     [("modern", "ec"), ("intermediate", "ec"), ("intermediate", "rsa")],
 )
-def test_profile_passes_mozilla_check(test_ca: CertBuilder, profile: str, key_type: KeyType) -> None:
+def test_profile_passes_mozilla_check(
+    test_ca: CertBuilder, profile: Profile, key_type: KeyType
+) -> None:
     leaf = localhost_cert(test_ca, key_type)
     with ServerThread(TLSConfig(*leaf.pair, profile=profile)) as target:
         result = scan(target.port, test_ca.ca_file)

@@ -55,9 +55,7 @@ async def assert_failures(server: TCPServer, expected: dict[str, int]) -> Server
 # -------------------------------------------------------- handshake failures
 
 
-async def test_handshake_timeout_while_another_client_is_served(
-    pki: PKI, no_fd_leak: None
-) -> None:
+async def test_handshake_timeout_while_another_client_is_served(pki: PKI, no_fd_leak: None) -> None:
     active_seen: list[int] = []
 
     class Server(EchoServer):
@@ -181,9 +179,7 @@ def mutual_tls_context(pki: PKI) -> ssl.SSLContext:
     return context
 
 
-async def test_client_certificate_required(
-    pki: PKI, tmp_path: Path, no_fd_leak: None
-) -> None:
+async def test_client_certificate_required(pki: PKI, tmp_path: Path, no_fd_leak: None) -> None:
     identities: list[Any] = []
 
     class Server(EchoServer):
@@ -715,7 +711,7 @@ def test_constructor_validation(pki: PKI) -> None:
 
 def ssl_error(reason: str, cls: type[ssl.SSLError] = ssl.SSLError) -> ssl.SSLError:
     error = cls(1, f"[SSL: {reason}] something")
-    error.reason = reason  # type: ignore[misc]
+    error.reason = reason
     return error
 
 
@@ -777,3 +773,83 @@ async def test_classification_of_real_handshake_errors(pki: PKI, no_fd_leak: Non
     )
     assert classify_handshake_error(await handshake_error(b"\x16\x03\x01")) == "eof"
     assert classify_handshake_error(await handshake_error(b"")) == "eof"
+
+
+# ------------------------------------------------------------------ more
+
+
+async def test_many_concurrent_handshakes(pki: PKI, no_fd_leak: None) -> None:
+    server = EchoServer(pki.ssl_options())
+    async with serving(server) as port:
+        payloads = [os.urandom(1000 + i) for i in range(40)]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(echo_once(port, pki.client_context(), p) for p in payloads)), 25
+        )
+        assert results == payloads
+        await until(lambda: server.stats.active == 0)
+        stats = server.stats
+        assert stats.accepted == stats.handshakes == 40 and stats.failures == {}
+        assert stats.bytes_received == stats.bytes_sent == sum(map(len, payloads))
+
+
+async def test_unix_socket(pki: PKI, tmp_path: Path, no_fd_leak: None) -> None:
+    from securetcp.netutil import bind_unix_socket
+
+    path = str(tmp_path / "server.sock")
+    server = EchoServer(pki.ssl_options())
+    server.add_socket(bind_unix_socket(path))
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(
+                path, ssl=pki.client_context(), server_hostname="localhost"
+            ),
+            10,
+        )
+        try:
+            writer.write(b"over a unix socket")
+            assert await asyncio.wait_for(reader.readexactly(18), 5) == b"over a unix socket"
+        finally:
+            await close_writer(writer)
+        await until(lambda: server.stats.active == 0)
+        assert server.stats.handshakes == 1
+    finally:
+        await server.close()
+
+
+async def test_bind_without_start_then_close(pki: PKI, no_fd_leak: None) -> None:
+    server = EchoServer(pki.ssl_options())
+    server.bind(0, HOST)
+    assert len(server.sockets) == 1
+    port = server.sockets[0].getsockname()[1]
+    await server.close()
+    assert server.sockets == []
+    with pytest.raises(ConnectionRefusedError):
+        sock = await raw_connect(port)
+        sock.close()
+
+
+async def test_bind_then_start_in_loop(pki: PKI, no_fd_leak: None) -> None:
+    server = EchoServer(pki.ssl_options())
+    server.bind(0, HOST)
+    port = server.sockets[0].getsockname()[1]
+    server.start(1)
+    try:
+        assert await echo_once(port, pki.client_context(), b"started") == b"started"
+    finally:
+        await server.close()
+
+
+async def test_handshake_failure_frees_a_max_connections_slot(pki: PKI, no_fd_leak: None) -> None:
+    server = EchoServer(pki.ssl_options(), max_connections=1)
+    async with serving(server) as port:
+        for _ in range(3):
+            sock = await raw_connect(port)
+            try:
+                await asyncio.get_running_loop().sock_sendall(sock, b"not tls at all\r\n")
+                assert await read_to_eof(sock) == b""
+            finally:
+                sock.close()
+        assert await echo_once(port, pki.client_context(), b"after") == b"after"
+        await until(lambda: server.stats.active == 0)
+        assert server.stats.failures == {"plaintext": 3}
+        assert server.stats.accepted == 4

@@ -192,7 +192,7 @@ def _exchange(
                 alpn=tls.selected_alpn_protocol(),
                 peer=x509.load_der_x509_certificate(der),
                 session=tls.session,
-                session_reused=tls.session_reused,
+                session_reused=bool(tls.session_reused),
                 echoed=echoed,
             )
 
@@ -207,7 +207,9 @@ async def exchange(
     return await asyncio.to_thread(_exchange, port, context, server_hostname, session)
 
 
-async def served(port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost") -> Reply:
+async def served(
+    port: int, context: ssl.SSLContext, server_hostname: str | None = "localhost"
+) -> Reply:
     reply = await exchange(port, context, server_hostname)
     assert reply.echoed == PING
     return reply
@@ -454,6 +456,21 @@ async def test_sni_strict_refuses_unknown_name(
         assert (await server.next_seen()).server_name == "a.example"
 
 
+async def test_client_auth_on_sni_context(
+    ca: CertBuilder, sni_certs: dict[str, Issued], svc_cert: Issued, no_fd_leak: None
+) -> None:
+    """Switching to a host's context keeps client verification as configured."""
+    config = sni_config(sni_certs, client_auth="required", client_ca=ca.ca_file)
+    async with serving(config) as server:
+        await refused(server.port, client_context(ca), server_hostname="a.example")
+        await eventually(lambda: server.stats.failures == {"certificate": 1}, "no certificate")
+        reply = await served(server.port, client_context(ca, svc_cert), "a.example")
+        assert reply.peer.serial_number == sni_certs["a"].serial
+        seen = await server.next_seen()
+        assert seen.server_name == "a.example"
+        assert seen.identity is not None and seen.identity.uris == (SPIFFE_ID,)
+
+
 async def test_alpn(ca: CertBuilder, sni_certs: dict[str, Issued], no_fd_leak: None) -> None:
     cases: list[tuple[str, list[str] | None, str | None]] = [
         ("localhost", ["http/1.1", "h2"], "h2"),  # the server's preference
@@ -548,7 +565,9 @@ async def test_reload_by_hand(ca: CertBuilder, server_cert: Issued, no_fd_leak: 
 
 
 @pytest.mark.parametrize("tickets", [True, False])
-@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["TLSv1.3", "TLSv1.2"]
+)
 async def test_session_tickets(
     ca: CertBuilder, server_cert: Issued, tickets: bool, version: ssl.TLSVersion, no_fd_leak: None
 ) -> None:
