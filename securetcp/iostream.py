@@ -23,13 +23,12 @@ Design notes (these are the hot paths of every server):
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.tls import SERVER_NAME_ATTRIBUTE
@@ -79,6 +78,18 @@ class StreamBufferFullError(Exception):
 _scratch = threading.local()
 
 
+def _completed_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A future of `loop` that is already done: what a write that the kernel
+    took at once returns, so the common case allocates nothing."""
+    if getattr(_scratch, "loop", None) is not loop:
+        future = loop.create_future()
+        future.set_result(None)
+        _scratch.loop = loop
+        _scratch.done = future
+    done: asyncio.Future[None] = _scratch.done
+    return done
+
+
 def _scratch_buffer(size: int) -> memoryview:
     """Return this thread's shared receive buffer of at least `size` bytes.
 
@@ -119,9 +130,9 @@ class IOStream:
         "_bytes_sent",
         "_close_callback",
         "_closed",
+        "_done",
         "_eof",
         "_fd",
-        "_last_activity",
         "_loop",
         "_max_buffer_size",
         "_rbuf",
@@ -131,10 +142,14 @@ class IOStream:
         "_read_limit",
         "_read_partial",
         "_reading",
+        "_recv",
         "_scratch",
+        "_send_raw",
         "_sock",
+        "_tls_pending",
         "_wfutures",
         "_wqueue",
+        "_write_held",
         "_writing",
         "_wsize",
         "error",
@@ -163,15 +178,21 @@ class IOStream:
         self._read_partial = False
         self._reading = False
         self._eof = False
-        self._wqueue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        # Lists, not deques: an empty deque costs ~600 bytes per idle connection.
+        self._wqueue: list[bytes | bytearray | memoryview] = []
         self._wsize = 0
-        self._wfutures: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+        self._wfutures: list[tuple[int, asyncio.Future[None]]] = []
         self._writing = False
+        self._write_held = False  # writes wait (e.g. for the TLS handshake)
+        self._done = _completed_future(self._loop)
+        # The raw I/O calls, bound once; TLS streams swap in OpenSSL's own.
+        self._recv: Callable[..., int] = sock.recv_into
+        self._send_raw: Callable[[Any], int] = sock.send
+        self._tls_pending: Callable[[], int] | None = None
         self._bytes_received = 0
         self._bytes_sent = 0
         self._closed = False
         self._close_callback: Callable[[], object] | None = None
-        self._last_activity = self._loop.time()
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
 
@@ -191,11 +212,6 @@ class IOStream:
     def bytes_sent(self) -> int:
         """Bytes handed to the socket so far (before encryption for TLS)."""
         return self._bytes_sent
-
-    @property
-    def last_activity(self) -> float:
-        """`loop.time()` of the last read or write on the socket."""
-        return self._last_activity
 
     def closed(self) -> bool:
         """Whether the stream has been closed."""
@@ -268,11 +284,14 @@ class IOStream:
         if self._closed or self._eof:
             self._fail_read(self.error)
             return future
-        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
-            # Decrypted bytes inside OpenSSL: the socket will not signal them.
-            self._on_readable()
-        elif not self._reading and not self._closed:
-            self._add_reader()
+        if not self._reading:
+            # A registered reader means OpenSSL's buffer was drained; after a
+            # pause it may hold decrypted bytes that the socket won't signal.
+            pending = self._tls_pending
+            if pending is not None and pending():
+                self._handle_read()
+            if not self._reading and not self._closed and self._read_future is not None:
+                self._add_reader()
         return future
 
     def _satisfy_read(self) -> bool:
@@ -360,22 +379,27 @@ class IOStream:
 
     def _add_reader(self) -> None:
         self._reading = True
-        self._loop.add_reader(self._fd, self._on_readable)
+        self._loop.add_reader(self._fd, self._handle_read)
 
     def _remove_reader(self) -> None:
         if self._reading:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
-    def _on_readable(self) -> None:
-        sock = self._sock
+    def _handle_read(self) -> None:
+        recv = self._recv
         scratch = self._scratch
-        is_ssl = isinstance(sock, ssl.SSLSocket)
         full = len(scratch)
+        tls_pending = self._tls_pending
         while True:
             try:
-                n = sock.recv_into(scratch)
+                # OpenSSL's read(len, buffer) for TLS, recv_into(buffer) for plain.
+                n = recv(full, scratch) if tls_pending is not None else recv(scratch)
             except (BlockingIOError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLEOFError:
+                # The peer closed without close_notify: a normal end of stream.
+                self._on_eof()
                 return
             except ssl.SSLWantWriteError:
                 # Rare (TLS renegotiation/key update): retry once writable.
@@ -388,7 +412,6 @@ class IOStream:
                 self._on_eof()
                 return
             self._bytes_received += n
-            self._last_activity = self._loop.time()
             future = self._read_future
             if (
                 future is not None
@@ -416,9 +439,8 @@ class IOStream:
                 return
             # Keep reading only where more data is likely: a full buffer for
             # plain sockets, a full record or already-decrypted bytes for TLS.
-            if is_ssl:
-                assert isinstance(sock, ssl.SSLSocket)
-                if n < _TLS_RECORD and not sock.pending():
+            if tls_pending is not None:
+                if n < _TLS_RECORD and not tls_pending():
                     return
             elif n < full:
                 return
@@ -440,42 +462,36 @@ class IOStream:
 
     def write(self, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
         """Queue `data` for sending; the future resolves once the kernel has it."""
-        future = self._loop.create_future()
+        queue = self._wqueue
+        if not queue and not self._write_held and not self._closed:
+            # The common case: the kernel takes it all at once.
+            if not data:
+                return self._done
+            sent = self._send(data)
+            if sent == len(data):
+                return self._done
+            if sent >= 0:
+                data = memoryview(data)[sent:]
         if self._closed:
-            future.set_exception(StreamClosedError(real_error=self.error))
+            future = self._loop.create_future()
             future.add_done_callback(_silence)
+            future.set_exception(StreamClosedError(real_error=self.error))
             return future
         if not data:
-            future.set_result(None)
-            return future
-        if not self._wqueue:
-            sent = self._send(data)
-            if sent < 0:
-                future.add_done_callback(_silence)
-                future.set_exception(StreamClosedError(real_error=self.error))
-                return future
-            if sent == len(data):
-                future.set_result(None)
-                return future
-            data = memoryview(data)[sent:]
-            self._wqueue.append(data)
-            self._wsize = len(data)
+            return self._done
+        tail = queue[-1] if len(queue) > 1 else None
+        if isinstance(tail, bytearray) and len(tail) + len(data) <= _COALESCE_LIMIT:
+            # Never the head: a TLS write must be retried with the same buffer.
+            tail += data
+        elif len(data) < _COALESCE_LIMIT:
+            queue.append(bytearray(data))
         else:
-            tail = self._wqueue[-1]
-            if (
-                len(self._wqueue) > 1
-                and isinstance(tail, bytearray)
-                and len(tail) + len(data) <= _COALESCE_LIMIT
-            ):
-                tail += data
-            elif len(data) < _COALESCE_LIMIT:
-                self._wqueue.append(bytearray(data))
-            else:
-                self._wqueue.append(data)
-            self._wsize += len(data)
+            queue.append(data)
+        self._wsize += len(data)
+        future = self._loop.create_future()
         future.add_done_callback(_silence)
         self._wfutures.append((self._bytes_sent + self._wsize, future))
-        if not self._writing:
+        if not self._writing and not self._write_held:
             self._writing = True
             self._loop.add_writer(self._fd, self._on_writable)
         return future
@@ -483,7 +499,7 @@ class IOStream:
     def _send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes now: the count, or -1 if the stream closed."""
         try:
-            sent = self._sock.send(data)
+            sent = self._send_raw(data)
         except (BlockingIOError, ssl.SSLWantWriteError):
             return 0
         except ssl.SSLWantReadError:
@@ -495,7 +511,6 @@ class IOStream:
             self.close(e)
             return -1
         self._bytes_sent += sent
-        self._last_activity = self._loop.time()
         return sent
 
     def _on_writable(self) -> None:
@@ -509,7 +524,7 @@ class IOStream:
                 break
             self._wsize -= sent
             if sent == len(head):
-                queue.popleft()
+                del queue[0]
             else:
                 # Plain sockets send partially; TLS sends all or nothing and
                 # must be retried with the same buffer, which this keeps.
@@ -517,18 +532,23 @@ class IOStream:
                 break
         futures = self._wfutures
         total = self._bytes_sent
-        while futures and futures[0][0] <= total:
-            future = futures.popleft()[1]
+        done = 0
+        for target, future in futures:
+            if target > total:
+                break
+            done += 1
             if not future.done():
                 future.set_result(None)
+        if done:
+            del futures[:done]
         if not queue:
             self._writing = False
             self._loop.remove_writer(self._fd)
             if self._eof:
                 self.close()
-            elif self._read_future is not None and isinstance(self._sock, ssl.SSLSocket):
+            elif self._read_future is not None and self._tls_pending is not None:
                 # A read may have been waiting for writability (rare TLS case).
-                self._on_readable()
+                self._handle_read()
 
     # ----------------------------------------------------------------- close
 
@@ -553,10 +573,10 @@ class IOStream:
         self._close_socket(graceful=exc_info is None)
         self._fail_read(self.error)
         error = StreamClosedError(real_error=self.error)
-        while self._wfutures:
-            future = self._wfutures.popleft()[1]
+        for _, future in self._wfutures:
             if not future.done():
                 future.set_exception(error)
+        self._wfutures.clear()
         self._wqueue.clear()
         self._wsize = 0
         callback = self._close_callback
@@ -581,6 +601,7 @@ class SSLIOStream(IOStream):
     """
 
     __slots__ = (
+        "_do_handshake",
         "_handshake_callback",
         "_handshake_done",
         "_handshake_future",
@@ -600,6 +621,12 @@ class SSLIOStream(IOStream):
         read_chunk_size: int | None = None,
     ) -> None:
         super().__init__(sock, max_buffer_size=max_buffer_size, read_chunk_size=read_chunk_size)
+        self._write_held = True  # until the handshake completes
+        sslobj = getattr(sock, "_sslobj", None)
+        # OpenSSL's call directly, past SSLSocket's Python wrapper.
+        self._do_handshake: Callable[[], None] = (
+            sock.do_handshake if sslobj is None else sslobj.do_handshake
+        )
         self._handshake_done = False
         self._handshake_future: asyncio.Future[None] | None = None
         self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
@@ -645,7 +672,7 @@ class SSLIOStream(IOStream):
 
     def _step_handshake(self) -> None:
         try:
-            self._sock.do_handshake()
+            self._do_handshake()
         except ssl.SSLWantReadError:
             if self._writing:
                 self._writing = False
@@ -678,15 +705,24 @@ class SSLIOStream(IOStream):
             self._handshake_timer.cancel()
             self._handshake_timer = None
         loop = self._loop
-        if self._reading:
-            self._reading = False
-            loop.remove_reader(self._fd)
         if self._writing:
             self._writing = False
             loop.remove_writer(self._fd)
         if error is None:
             self._handshake_done = True
-            self._last_activity = loop.time()
+            self._write_held = False
+            # From here on, call OpenSSL directly: the SSLSocket wrappers cost
+            # a Python frame and checks per call on the hottest path.
+            sslobj = getattr(self._sock, "_sslobj", None)
+            if sslobj is not None:
+                self._recv = sslobj.read
+                self._send_raw = sslobj.write
+                self._tls_pending = sslobj.pending
+            else:  # not CPython's layout: the public API works the same
+                # read(len, buffer) returns the count when given a buffer.
+                self._recv = cast("Callable[..., int]", self._sock.read)
+                self._send_raw = self._sock.send
+                self._tls_pending = self._sock.pending
         else:
             self.handshake_error = error
             self.close(error)
@@ -701,15 +737,19 @@ class SSLIOStream(IOStream):
             else:
                 future.set_exception(StreamClosedError(real_error=error))
         if error is None and not self._closed:
+            if self._reading:
+                # Keep the registration, swap the callback: re-registering
+                # for the first read would cost two epoll_ctl calls.
+                loop.add_reader(self._fd, self._handle_read)
             # Resume I/O that was requested while the handshake ran.
-            if self._wqueue:
+            if self._wqueue and not self._writing:
                 self._writing = True
                 loop.add_writer(self._fd, self._on_writable)
             if self._read_future is not None:
                 if self._rbuf and self._satisfy_read():
                     return
                 if self._sock.pending():
-                    self._on_readable()
+                    self._handle_read()
                 if not self._reading and not self._closed and self._read_future is not None:
                     self._add_reader()
 
@@ -719,26 +759,9 @@ class SSLIOStream(IOStream):
         if self._handshake_done:
             super()._add_reader()
 
-    def _on_readable(self) -> None:
-        if self._handshake_done:
-            super()._on_readable()
-
-    def write(self, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
-        """Queue `data` for sending (after the handshake, if it is still running)."""
-        if self._handshake_done or self._closed:
-            return super().write(data)
-        future = self._loop.create_future()
-        future.add_done_callback(_silence)
-        if data:
-            self._wqueue.append(bytes(data))
-            self._wsize += len(data)
-            self._wfutures.append((self._bytes_sent + self._wsize, future))
-        else:
-            future.set_result(None)
-        return future
 
     def _close_socket(self, graceful: bool) -> None:
-        if graceful and self._handshake_done:
+        if graceful and self._handshake_done and not self._eof:
             # Send close_notify so the peer sees a clean end of stream; the
             # peer's reply is not awaited.
             try:
