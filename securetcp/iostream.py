@@ -28,7 +28,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.tls import SERVER_NAME_ATTRIBUTE
@@ -126,9 +126,11 @@ class IOStream:
     """
 
     __slots__ = (
+        "__weakref__",
         "_bytes_received",
         "_bytes_sent",
         "_close_callback",
+        "_close_hook",
         "_closed",
         "_done",
         "_eof",
@@ -142,11 +144,9 @@ class IOStream:
         "_read_limit",
         "_read_partial",
         "_reading",
-        "_recv",
         "_scratch",
-        "_send_raw",
         "_sock",
-        "_tls_pending",
+        "_tls",
         "_wfutures",
         "_wqueue",
         "_write_held",
@@ -185,14 +185,15 @@ class IOStream:
         self._writing = False
         self._write_held = False  # writes wait (e.g. for the TLS handshake)
         self._done = _completed_future(self._loop)
-        # The raw I/O calls, bound once; TLS streams swap in OpenSSL's own.
-        self._recv: Callable[..., int] = sock.recv_into
-        self._send_raw: Callable[[Any], int] = sock.send
-        self._tls_pending: Callable[[], int] | None = None
+        # OpenSSL's connection object once a TLS stream's handshake is done:
+        # reads and writes then go to it directly, past ssl.py's wrappers.
+        self._tls: Any = None
         self._bytes_received = 0
         self._bytes_sent = 0
         self._closed = False
         self._close_callback: Callable[[], object] | None = None
+        # Called synchronously with the stream when it closes (for its server).
+        self._close_hook: Callable[[IOStream], None] | None = None
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
 
@@ -287,8 +288,8 @@ class IOStream:
         if not self._reading:
             # A registered reader means OpenSSL's buffer was drained; after a
             # pause it may hold decrypted bytes that the socket won't signal.
-            pending = self._tls_pending
-            if pending is not None and pending():
+            tls = self._tls
+            if tls is not None and tls.pending():
                 self._handle_read()
             if not self._reading and not self._closed and self._read_future is not None:
                 self._add_reader()
@@ -387,14 +388,13 @@ class IOStream:
             self._loop.remove_reader(self._fd)
 
     def _handle_read(self) -> None:
-        recv = self._recv
+        sock = self._sock
+        tls = self._tls
         scratch = self._scratch
         full = len(scratch)
-        tls_pending = self._tls_pending
         while True:
             try:
-                # OpenSSL's read(len, buffer) for TLS, recv_into(buffer) for plain.
-                n = recv(full, scratch) if tls_pending is not None else recv(scratch)
+                n = tls.read(full, scratch) if tls is not None else sock.recv_into(scratch)
             except (BlockingIOError, ssl.SSLWantReadError):
                 return
             except ssl.SSLEOFError:
@@ -439,8 +439,8 @@ class IOStream:
                 return
             # Keep reading only where more data is likely: a full buffer for
             # plain sockets, a full record or already-decrypted bytes for TLS.
-            if tls_pending is not None:
-                if n < _TLS_RECORD and not tls_pending():
+            if tls is not None:
+                if n < _TLS_RECORD and not tls.pending():
                     return
             elif n < full:
                 return
@@ -498,8 +498,9 @@ class IOStream:
 
     def _send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes now: the count, or -1 if the stream closed."""
+        tls = self._tls
         try:
-            sent = self._send_raw(data)
+            sent = tls.write(data) if tls is not None else self._sock.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError):
             return 0
         except ssl.SSLWantReadError:
@@ -546,7 +547,7 @@ class IOStream:
             self._loop.remove_writer(self._fd)
             if self._eof:
                 self.close()
-            elif self._read_future is not None and self._tls_pending is not None:
+            elif self._read_future is not None and self._tls is not None:
                 # A read may have been waiting for writability (rare TLS case).
                 self._handle_read()
 
@@ -579,6 +580,10 @@ class IOStream:
         self._wfutures.clear()
         self._wqueue.clear()
         self._wsize = 0
+        hook = self._close_hook
+        if hook is not None:
+            self._close_hook = None
+            hook(self)
         callback = self._close_callback
         if callback is not None:
             self._close_callback = None
@@ -593,40 +598,53 @@ class IOStream:
 
 
 class SSLIOStream(IOStream):
-    """An `IOStream` over an `ssl.SSLSocket` whose handshake is driven here.
+    """An `IOStream` whose TLS handshake is driven here, without blocking.
 
-    The socket must come from ``SSLContext.wrap_socket(...,
-    do_handshake_on_connect=False)``. Reads and writes issued before the
-    handshake completes wait for it.
+    Either pass an `ssl.SSLSocket` made with ``SSLContext.wrap_socket(...,
+    do_handshake_on_connect=False)``, or a connected plain socket and
+    `server_context`: the stream then wraps it as the server side itself,
+    without the `ssl.SSLSocket` layer (what `TCPServer` does; it saves memory
+    and time per connection, and `socket` is then the plain socket). Reads
+    and writes issued before the handshake completes wait for it.
     """
 
     __slots__ = (
-        "_do_handshake",
         "_handshake_callback",
         "_handshake_done",
         "_handshake_future",
         "_handshake_timer",
         "_peer_identity",
         "_peer_identity_parsed",
+        "_tls_conn",
         "handshake_error",
+        "securetcp_server_name",
     )
-
-    _sock: ssl.SSLSocket
 
     def __init__(
         self,
-        sock: ssl.SSLSocket,
+        sock: socket.socket,
         *,
+        server_context: ssl.SSLContext | None = None,
         max_buffer_size: int | None = None,
         read_chunk_size: int | None = None,
     ) -> None:
         super().__init__(sock, max_buffer_size=max_buffer_size, read_chunk_size=read_chunk_size)
         self._write_held = True  # until the handshake completes
-        sslobj = getattr(sock, "_sslobj", None)
-        # OpenSSL's call directly, past SSLSocket's Python wrapper.
-        self._do_handshake: Callable[[], None] = (
-            sock.do_handshake if sslobj is None else sslobj.do_handshake
-        )
+        #: The SNI name the client sent, recorded by securetcp's sni_callback.
+        self.securetcp_server_name: str | None = None
+        if server_context is not None:
+            if isinstance(sock, ssl.SSLSocket):
+                raise TypeError("server_context needs a plain socket, not an SSLSocket")
+            # The _ssl object reports this stream to callbacks (sni_callback).
+            self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
+                sock, True, None, owner=self, session=None
+            )
+        elif isinstance(sock, ssl.SSLSocket):
+            # CPython keeps OpenSSL's connection object in _sslobj; another
+            # implementation's SSLSocket offers the same calls itself.
+            self._tls_conn = getattr(sock, "_sslobj", None) or sock
+        else:
+            raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
         self._handshake_done = False
         self._handshake_future: asyncio.Future[None] | None = None
         self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
@@ -635,6 +653,16 @@ class SSLIOStream(IOStream):
         self._peer_identity_parsed = False
         #: Why the handshake failed, if it did.
         self.handshake_error: BaseException | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext of the connection (an SNI callback may switch it)."""
+        context: ssl.SSLContext = self._tls_conn.context
+        return context
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        self._tls_conn.context = context
 
     # -------------------------------------------------------------- handshake
 
@@ -672,7 +700,7 @@ class SSLIOStream(IOStream):
 
     def _step_handshake(self) -> None:
         try:
-            self._do_handshake()
+            self._tls_conn.do_handshake()
         except ssl.SSLWantReadError:
             if self._writing:
                 self._writing = False
@@ -711,18 +739,7 @@ class SSLIOStream(IOStream):
         if error is None:
             self._handshake_done = True
             self._write_held = False
-            # From here on, call OpenSSL directly: the SSLSocket wrappers cost
-            # a Python frame and checks per call on the hottest path.
-            sslobj = getattr(self._sock, "_sslobj", None)
-            if sslobj is not None:
-                self._recv = sslobj.read
-                self._send_raw = sslobj.write
-                self._tls_pending = sslobj.pending
-            else:  # not CPython's layout: the public API works the same
-                # read(len, buffer) returns the count when given a buffer.
-                self._recv = cast("Callable[..., int]", self._sock.read)
-                self._send_raw = self._sock.send
-                self._tls_pending = self._sock.pending
+            self._tls = self._tls_conn  # application data may flow now
         else:
             self.handshake_error = error
             self.close(error)
@@ -748,24 +765,23 @@ class SSLIOStream(IOStream):
             if self._read_future is not None:
                 if self._rbuf and self._satisfy_read():
                     return
-                if self._sock.pending():
+                if self._tls.pending():
                     self._handle_read()
                 if not self._reading and not self._closed and self._read_future is not None:
                     self._add_reader()
 
-    # While the handshake runs, reads and writes are queued, not attempted.
+    # While the handshake runs, reads wait for it (writes are held).
 
     def _add_reader(self) -> None:
         if self._handshake_done:
             super()._add_reader()
-
 
     def _close_socket(self, graceful: bool) -> None:
         if graceful and self._handshake_done and not self._eof:
             # Send close_notify so the peer sees a clean end of stream; the
             # peer's reply is not awaited.
             try:
-                self._sock.unwrap()
+                self._tls_conn.shutdown()
             except (ssl.SSLError, OSError, ValueError):
                 pass
         self._sock.close()
@@ -795,7 +811,7 @@ class SSLIOStream(IOStream):
     def peer_certificate(self) -> dict[str, Any] | None:
         """The peer's certificate as `SSLSocket.getpeercert()` gives it, or None."""
         try:
-            cert = self._sock.getpeercert()
+            cert = self._tls_conn.getpeercert()
         except (ValueError, OSError):
             return None
         return dict(cert) if cert else None
@@ -806,7 +822,7 @@ class SSLIOStream(IOStream):
         if not self._peer_identity_parsed:
             self._peer_identity_parsed = True
             try:
-                der = self._sock.getpeercert(binary_form=True)
+                der = self._tls_conn.getpeercert(True)
             except (ValueError, OSError):
                 der = None
             if der:
@@ -816,28 +832,33 @@ class SSLIOStream(IOStream):
     @property
     def server_name(self) -> str | None:
         """The SNI host name the client sent, or None."""
-        name = getattr(self._sock, SERVER_NAME_ATTRIBUTE, None)
+        # Recorded by securetcp's sni_callback on whichever object OpenSSL
+        # reports the connection as: this stream, or the SSLSocket given.
+        name = self.securetcp_server_name or getattr(self._sock, SERVER_NAME_ATTRIBUTE, None)
         return name if isinstance(name, str) else None
 
     def selected_alpn_protocol(self) -> str | None:
         """The ALPN protocol agreed with the client, or None."""
         try:
-            return self._sock.selected_alpn_protocol()
+            protocol: str | None = self._tls_conn.selected_alpn_protocol()
         except (ValueError, OSError):
             return None
+        return protocol
 
     @property
     def tls_version(self) -> str | None:
         """The negotiated protocol version, as `SSLSocket.version()`."""
         try:
-            return self._sock.version()
+            version: str | None = self._tls_conn.version()
         except (ValueError, OSError):
             return None
+        return version
 
     @property
     def cipher(self) -> tuple[str, str, int] | None:
         """The negotiated cipher, as `SSLSocket.cipher()`."""
         try:
-            return self._sock.cipher()
+            cipher: tuple[str, str, int] | None = self._tls_conn.cipher()
         except (ValueError, OSError):
             return None
+        return cipher

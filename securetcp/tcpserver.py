@@ -186,7 +186,9 @@ class TCPServer:
         self._stopped = False
         self._started = False
         self._streams: set[IOStream] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # the server's own (signal handling)
+        # Running handle_stream coroutines, with the stream and address they serve.
+        self._handlers: dict[asyncio.Task[Any], tuple[IOStream, Any]] = {}
         self._closed_event: asyncio.Event | None = None
         self._closing = False
         self._idle_timers: dict[IOStream, asyncio.TimerHandle] = {}
@@ -343,13 +345,13 @@ class TCPServer:
         for stream in list(self._streams):
             if isinstance(stream, SSLIOStream) and not stream.handshake_done:
                 stream.close()
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        tasks = [t for t in self._handlers if t is not asyncio.current_task()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         for stream in list(self._streams):
             stream.close()
         # Handlers woken by the closes get a moment to unwind, then are cancelled.
-        tasks = [t for t in self._tasks if not t.done() and t is not asyncio.current_task()]
+        tasks = [t for t in self._handlers if not t.done() and t is not asyncio.current_task()]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=1.0)
             for task in pending:
@@ -398,12 +400,10 @@ class TCPServer:
                     conn, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
                 )
             else:
-                conn.setblocking(False)
-                ssl_sock = tls.context.wrap_socket(
-                    conn, server_side=True, do_handshake_on_connect=False
-                )
+                # Wrapped by the stream itself: no ssl.SSLSocket layer.
                 stream = SSLIOStream(
-                    ssl_sock,
+                    conn,
+                    server_context=tls.context,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
                 )
@@ -413,7 +413,7 @@ class TCPServer:
             self._count_failure("eof", address, e)
             return
         self._streams.add(stream)
-        stream.set_close_callback(lambda: self._on_stream_closed(stream))
+        stream._close_hook = self._on_stream_closed
         if self.max_connections is not None and len(self._streams) >= self.max_connections:
             # Further clients wait in the kernel's backlog until a slot frees.
             self._pause_accepting()
@@ -465,11 +465,12 @@ class TCPServer:
             return
         if inspect.isawaitable(result):
             task = asyncio.ensure_future(result)
-            self._tasks.add(task)
-            task.add_done_callback(lambda t: self._on_handler_done(t, stream, address))
+            # A dict entry and a bound method: lighter per connection than a closure.
+            self._handlers[task] = (stream, address)
+            task.add_done_callback(self._on_handler_done)
 
-    def _on_handler_done(self, task: asyncio.Task[Any], stream: IOStream, address: Any) -> None:
-        self._tasks.discard(task)
+    def _on_handler_done(self, task: asyncio.Task[Any]) -> None:
+        stream, address = self._handlers.pop(task)
         if task.cancelled():
             stream.close()
             return

@@ -500,7 +500,7 @@ async def test_close_cancels_handler_that_ignores_close(pki: PKI, no_fd_leak: No
     reader, writer = await open_tls(port, pki.client_context())
     try:
         await until(lambda: server.stats.handshakes == 1)
-        await until(lambda: len(server._tasks) == 1)
+        await until(lambda: len(server._handlers) == 1)
         await asyncio.wait_for(server.close(timeout=0.1), 5)
         assert outcome == ["cancelled"]
         assert await asyncio.wait_for(reader.read(), 5) == b""
