@@ -29,8 +29,9 @@ import functools
 import logging
 import platform
 import ssl
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+
+from securetcp._openssl import LibSSL, libssl, ssl_ctx_pointer
 
 __all__ = ["set_groups"]
 
@@ -43,44 +44,8 @@ _EXT_SUPPORTED_GROUPS = 10
 _FALLBACK_GROUP = "prime256v1"
 
 
-@dataclass(frozen=True)
-class _LibSSL:
-    ctx_ctrl: Callable[..., int]
-    get_options: Callable[..., int]
-    clear_errors: Callable[[], None]
-
-
-def _ssl_ctx_pointer(context: ssl.SSLContext) -> int:
-    """The ``SSL_CTX*`` held by a CPython ``PySSLContext`` (0 if not found)."""
-    offset = object.__basicsize__  # sizeof(PyObject): PyObject_HEAD, any build
-    if type(context).__basicsize__ < offset + ctypes.sizeof(ctypes.c_void_p):
-        return 0
-    return ctypes.c_void_p.from_address(id(context) + offset).value or 0
-
-
-def _open_libssl() -> _LibSSL:
-    import _ssl
-
-    # dlsym on the _ssl module's handle also searches its dependencies (libssl).
-    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
-    version = lib.OpenSSL_version_num
-    version.restype = ctypes.c_ulong
-    version.argtypes = []
-    if version() != ssl.OPENSSL_VERSION_NUMBER:
-        raise OSError("the libssl found is not the one the ssl module uses")
-
-    vp, c_long = ctypes.c_void_p, ctypes.c_long
-    ctx_ctrl = lib.SSL_CTX_ctrl
-    ctx_ctrl.restype, ctx_ctrl.argtypes = c_long, [vp, ctypes.c_int, c_long, vp]
-    get_options = lib.SSL_CTX_get_options
-    get_options.restype, get_options.argtypes = ctypes.c_uint64, [vp]
-    clear_errors = lib.ERR_clear_error
-    clear_errors.restype, clear_errors.argtypes = None, []
-    return _LibSSL(ctx_ctrl, get_options, clear_errors)
-
-
-def _ctrl_set_groups(lib: _LibSSL, context: ssl.SSLContext, groups: str) -> bool:
-    pointer = _ssl_ctx_pointer(context)
+def _ctrl_set_groups(lib: LibSSL, context: ssl.SSLContext, groups: str) -> bool:
+    pointer = ssl_ctx_pointer(context)
     if not pointer:
         return False
     buffer = ctypes.create_string_buffer(groups.encode("ascii"))
@@ -121,17 +86,17 @@ def _supported_groups(record: bytes) -> tuple[int, ...]:
     return ()
 
 
-def _prove(lib: _LibSSL) -> None:
+def _prove(lib: LibSSL) -> None:
     """Check the ctypes path on a throw-away context; raise if anything is off."""
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname = False
     probe.verify_mode = ssl.CERT_NONE
-    pointer = _ssl_ctx_pointer(probe)
+    pointer = ssl_ctx_pointer(probe)
     if not pointer:
         raise OSError("no SSL_CTX pointer in the SSLContext object")
     for options in (probe.options | ssl.OP_NO_TICKET, probe.options & ~ssl.OP_NO_TICKET):
         probe.options = options
-        if lib.get_options(pointer) != int(probe.options):
+        if lib.ctx_get_options(pointer) != int(probe.options):
             raise OSError("SSL_CTX_get_options does not match SSLContext.options")
     if not _ctrl_set_groups(lib, probe, ":".join(_PROBE_GROUPS)):
         raise OSError("SSL_CTX_set1_groups_list failed")
@@ -140,12 +105,14 @@ def _prove(lib: _LibSSL) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _proven_libssl() -> _LibSSL | None:
+def _proven_libssl() -> LibSSL | None:
     if platform.python_implementation() != "CPython":
         log.warning("cannot restrict TLS groups on %s", platform.python_implementation())
         return None
     try:
-        lib = _open_libssl()
+        lib = libssl()
+        if lib is None:
+            raise OSError("libssl is not reachable through ctypes")
         _prove(lib)
     except (OSError, AttributeError, TypeError, ValueError) as exc:
         log.warning(

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from securetcp._openssl import libssl, tune_connection
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.tls import SERVER_NAME_ATTRIBUTE
 
@@ -76,6 +77,9 @@ class StreamBufferFullError(Exception):
 
 
 _scratch = threading.local()
+
+_libssl = libssl()
+_has_pending: Callable[[int], int] | None = _libssl.has_pending if _libssl is not None else None
 
 
 def _completed_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -147,6 +151,7 @@ class IOStream:
         "_scratch",
         "_sock",
         "_tls",
+        "_tls_ptr",
         "_wfutures",
         "_wqueue",
         "_write_held",
@@ -188,6 +193,8 @@ class IOStream:
         # OpenSSL's connection object once a TLS stream's handshake is done:
         # reads and writes then go to it directly, past ssl.py's wrappers.
         self._tls: Any = None
+        # Its SSL* when OpenSSL reads ahead (see _tls_buffered), else 0.
+        self._tls_ptr = 0
         self._bytes_received = 0
         self._bytes_sent = 0
         self._closed = False
@@ -288,8 +295,7 @@ class IOStream:
         if not self._reading:
             # A registered reader means OpenSSL's buffer was drained; after a
             # pause it may hold decrypted bytes that the socket won't signal.
-            tls = self._tls
-            if tls is not None and tls.pending():
+            if self._tls is not None and self._tls_buffered():
                 self._handle_read()
             if not self._reading and not self._closed and self._read_future is not None:
                 self._add_reader()
@@ -440,10 +446,23 @@ class IOStream:
             # Keep reading only where more data is likely: a full buffer for
             # plain sockets, a full record or already-decrypted bytes for TLS.
             if tls is not None:
-                if n < _TLS_RECORD and not tls.pending():
+                # Without read-ahead a full record hints that more is queued.
+                if (self._tls_ptr or n < _TLS_RECORD) and not self._tls_buffered():
                     return
             elif n < full:
                 return
+
+    def _tls_buffered(self) -> bool:
+        """Whether OpenSSL holds bytes the socket will not signal again.
+
+        With read-ahead that includes records not decrypted yet, which only
+        ``SSL_has_pending`` sees; without it, a full record just read is
+        taken as a sign that more may follow.
+        """
+        has_pending = _has_pending
+        if self._tls_ptr and has_pending is not None:
+            return bool(has_pending(self._tls_ptr))
+        return bool(self._tls.pending())
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -645,6 +664,8 @@ class SSLIOStream(IOStream):
             self._tls_conn = getattr(sock, "_sslobj", None) or sock
         else:
             raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
+        # One read system call per TLS record or more, instead of two.
+        self._tls_ptr = tune_connection(self._tls_conn) if _has_pending is not None else 0
         self._handshake_done = False
         self._handshake_future: asyncio.Future[None] | None = None
         self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
@@ -740,6 +761,10 @@ class SSLIOStream(IOStream):
             self._handshake_done = True
             self._write_held = False
             self._tls = self._tls_conn  # application data may flow now
+            if self._tls_ptr and self._tls_buffered():
+                # Read ahead with the handshake's last records: the socket
+                # won't signal these bytes, so take them in now.
+                self._handle_read()
         else:
             self.handshake_error = error
             self.close(error)
@@ -765,7 +790,7 @@ class SSLIOStream(IOStream):
             if self._read_future is not None:
                 if self._rbuf and self._satisfy_read():
                     return
-                if self._tls.pending():
+                if self._tls_buffered():
                     self._handle_read()
                 if not self._reading and not self._closed and self._read_future is not None:
                     self._add_reader()
