@@ -2,12 +2,13 @@
 
 securetcp certs init [--dir certs] [--force]
 securetcp certs show FILE
-securetcp echo [--port 8443] [--address 127.0.0.1] [--certs certs] ...
+securetcp echo [--port 8443] [--address 127.0.0.1] [--certs certs] [--loop uvloop] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,12 @@ def _echo(args: argparse.Namespace) -> int:
     from securetcp.services.echo import EchoServer
     from securetcp.tls import TLSConfig
 
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        print(
+            "securetcp: --loop uvloop needs uvloop: pip install 'securetcp[uvloop]'",
+            file=sys.stderr,
+        )
+        return 2
     certs = Path(args.certs)
     certfile = args.certfile or str(certs / "server.pem")
     keyfile = args.keyfile or str(certs / "server.key")
@@ -85,7 +92,7 @@ def _echo(args: argparse.Namespace) -> int:
             f"-cert {certs / 'client.pem'} -key {certs / 'client.key'} -quiet"
         )
     sys.stdout.flush()
-    server.run()
+    server.run(loop=args.loop)
     return 0
 
 
@@ -119,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--client-ca", help="CA for client certificates (default: CERTS/ca.pem)")
     echo.add_argument("--profile", choices=("intermediate", "modern"), default="intermediate")
     echo.add_argument("--handshake-timeout", type=float, default=10.0)
+    echo.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop (default: asyncio; uvloop needs securetcp[uvloop])",
+    )
     echo.set_defaults(func=_echo)
     return parser
 

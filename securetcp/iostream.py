@@ -1,23 +1,29 @@
 """Non-blocking byte streams over sockets, driven by the running asyncio loop.
 
-`IOStream` wraps a connected socket; `SSLIOStream` wraps an `ssl.SSLSocket`
-whose handshake has been deferred (``do_handshake_on_connect=False``) and is
-driven here by readiness events, never blocking the loop.
+`IOStream` wraps a connected socket. `SSLIOStream` adds TLS: it drives a
+deferred handshake by readiness events, never blocking the loop, over either
+an `ssl.SSLSocket` or (what `TCPServer` uses) a plain socket that it wraps
+itself with OpenSSL's connection object, without the `ssl.SSLSocket` layer.
 
 Design notes (these are the hot paths of every server):
 
 * Readiness comes from ``loop.add_reader``/``loop.add_writer`` on the file
   descriptor, which works on the default selector loop and under uvloop. The
   reader stays registered for the life of the connection (one registration,
-  not one per read); it is only dropped to apply backpressure.
-* Every ``recv_into`` lands in one scratch buffer shared by all the streams of
-  a thread, so an idle connection holds no receive buffer of its own. Data is
+  not one per read, kept across the end of the handshake); it is only
+  dropped to apply backpressure.
+* Every read lands in one scratch buffer shared by all the streams of a
+  thread, so an idle connection holds no receive buffer of its own. Data is
   copied out once: straight into the returned ``bytes`` when a read can be
   satisfied at once, otherwise into the stream's own ``bytearray``.
-* ``write()`` tries ``send`` at once; only what the kernel does not take is
-  queued, and the returned future resolves once the data is handed to it.
-* OpenSSL may hold decrypted bytes that the socket no longer signals
-  (``SSLSocket.pending()``); those are drained without waiting for readiness.
+* ``write()`` tries to send at once; only what the kernel does not take is
+  queued, and the returned future resolves once the data is handed to it (a
+  shared, already-done future when the kernel took everything).
+* TLS reads and writes call OpenSSL's connection object directly. Server
+  connections read ahead (`securetcp._openssl.tune_connection`): one system
+  call pulls in several records. Bytes inside OpenSSL do not make the socket
+  readable, so before waiting for readiness a stream asks OpenSSL whether it
+  holds any (``SSL_has_pending``, or ``pending()`` without read-ahead).
 """
 
 from __future__ import annotations
@@ -51,10 +57,6 @@ _HIGH_WATER = 256 * 1024
 # burst of tiny messages becomes one send (and one TLS record), not many.
 _COALESCE_LIMIT = 64 * 1024
 _TLS_RECORD = 16384
-
-_CONNRESET_ERRNOS = frozenset(
-    {errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN}
-)
 
 
 class StreamClosedError(IOError):
@@ -147,6 +149,7 @@ class IOStream:
         "_read_kind",
         "_read_limit",
         "_read_partial",
+        "_read_scanned",
         "_reading",
         "_scratch",
         "_sock",
@@ -181,6 +184,7 @@ class IOStream:
         self._read_arg: Any = None
         self._read_limit: int | None = None
         self._read_partial = False
+        self._read_scanned = 0  # read_until: where the delimiter search resumes
         self._reading = False
         self._eof = False
         # Lists, not deques: an empty deque costs ~600 bytes per idle connection.
@@ -285,6 +289,7 @@ class IOStream:
         self._read_arg = arg
         self._read_limit = limit
         self._read_partial = partial
+        self._read_scanned = 0
         # A zero-length read needs no data: it completes now, even if none is buffered.
         empty = (kind == _READ_BYTES and arg == 0) or (kind == _READ_INTO and not len(arg))
         if (self._rbuf or empty) and self._satisfy_read():
@@ -321,9 +326,11 @@ class IOStream:
             del buf[:n]
         elif kind == _READ_UNTIL:
             delimiter: bytes = self._read_arg
-            index = buf.find(delimiter)
+            index = buf.find(delimiter, self._read_scanned)
             limit = self._read_limit
             if index == -1:
+                # Don't rescan what was searched (long lines in small chunks).
+                self._read_scanned = max(0, size - len(delimiter) + 1)
                 if limit is not None and size >= limit:
                     self.close(UnsatisfiableReadError(f"delimiter not found within {limit} bytes"))
                     return True

@@ -31,8 +31,9 @@ import logging
 import signal
 import socket
 import ssl
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from securetcp.iostream import IOStream, SSLIOStream
@@ -184,7 +185,6 @@ class TCPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False  # handlers installed (not paused, not stopped)
         self._stopped = False
-        self._started = False
         self._streams: set[IOStream] = set()
         self._tasks: set[asyncio.Task[Any]] = set()  # the server's own (signal handling)
         # Running handle_stream coroutines, with the stream and address they serve.
@@ -303,8 +303,18 @@ class TCPServer:
         assert self._closed_event is not None
         await self._closed_event.wait()
 
-    def run(self) -> None:
-        """Serve until SIGINT or SIGTERM, then close gracefully (SIGHUP reloads certificates)."""
+    def run(self, loop: str = "asyncio") -> None:
+        """Serve until SIGINT or SIGTERM, then close gracefully (SIGHUP reloads certificates).
+
+        `loop` chooses the event loop: ``"asyncio"`` (the default loop, as
+        `asyncio.run` makes it) or ``"uvloop"`` (the ``securetcp[uvloop]``
+        extra). Either way a fresh loop runs `serve_forever` and is closed when
+        it returns; signal handling is the same on both.
+
+        Raises ValueError for any other `loop`, and RuntimeError when
+        ``"uvloop"`` is asked for but cannot be imported, before any loop starts.
+        """
+        factory = _loop_factory(loop)
 
         async def main() -> None:
             self._attach_loop()
@@ -328,7 +338,13 @@ class TCPServer:
                 for signum in installed:
                     loop.remove_signal_handler(signum)
 
-        asyncio.run(main())
+        if factory is None:
+            asyncio.run(main())
+        elif sys.version_info >= (3, 11):
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(main())
+        else:
+            _run_in_new_loop(factory, main())
 
     def _on_stop_signal(self, sig: int) -> None:
         log.info("received %s, closing", signal.Signals(sig).name)
@@ -563,6 +579,64 @@ class TCPServer:
         raises, and at `close()`).
         """
         raise NotImplementedError
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory for `TCPServer.run`'s `loop` (None: asyncio's default)."""
+    if loop == "asyncio":
+        return None
+    if loop != "uvloop":
+        raise ValueError(f"loop must be 'asyncio' or 'uvloop', not {loop!r}")
+    try:
+        import uvloop
+    except ImportError as e:
+        raise RuntimeError(
+            "loop='uvloop' needs uvloop, which is not installed: pip install 'securetcp[uvloop]'"
+        ) from e
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run_in_new_loop(
+    factory: Callable[[], asyncio.AbstractEventLoop], main: Coroutine[Any, Any, None]
+) -> None:
+    """Run `main` in a new loop from `factory`, as `asyncio.run` does (Python 3.10).
+
+    Python 3.10 has no `asyncio.Runner`; this is its shutdown sequence: cancel
+    the tasks left over, finish async generators and the default executor,
+    then close the loop.
+    """
+    loop = factory()
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_remaining_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the loop's unfinished tasks, wait for them, report their errors."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception during TCPServer.run() shutdown",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
 
 
 def _format_address(address: Any) -> str:

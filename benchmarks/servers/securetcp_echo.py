@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import install_loop, parse_args, prepare_process, server_context
+from _common import parse_args, prepare_process, server_context
 
 try:
     from securetcp import StreamClosedError, TCPServer, bind_sockets, fork_processes
@@ -38,7 +38,6 @@ def main() -> None:
     """Entry point."""
     args = parse_args(__doc__ or "", multiprocess=True)
     prepare_process()
-    install_loop(args.loop)
     ctx = server_context(args.certfile, args.keyfile)
     if args.mode == "fork":
         sockets = bind_sockets(args.port, args.host)
@@ -54,7 +53,7 @@ def main() -> None:
     else:
         server = Echo(ssl_options=ctx)
         server.listen(args.port, args.host)
-    server.run()
+    server.run(loop=args.loop)
 
 
 if __name__ == "__main__":
