@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import cbuild
 from benchmarks.certs import HOST, TLSFiles
 
 SERVERS_DIR = Path(__file__).resolve().parent / "servers"
@@ -19,7 +20,8 @@ class ServerSpec:
 
     ``family`` is the name ``--servers`` selects it by; ``pinned`` servers run
     on the server core, the others (the scaling rows) wherever the kernel
-    puts them.
+    puts them. A ``compiled`` server's script is C source, built on first use
+    by :mod:`benchmarks.cbuild` and run directly instead of under Python.
     """
 
     name: str
@@ -28,12 +30,18 @@ class ServerSpec:
     args: tuple[str, ...] = ()
     pinned: bool = True
     baseline: bool = False
+    compiled: bool = False
 
     def argv(self, port: int, tls: TLSFiles) -> list[str]:
-        """The command line that starts this server on ``port``."""
+        """The command line that starts this server on ``port``.
+
+        Raises :class:`benchmarks.cbuild.BuildError` (a ``ServerFailed``, so
+        the row reports it) if a compiled server cannot be built.
+        """
+        source = SERVERS_DIR / self.script
+        program = [str(cbuild.binary(source))] if self.compiled else [sys.executable, str(source)]
         return [
-            sys.executable,
-            str(SERVERS_DIR / self.script),
+            *program,
             "--port",
             str(port),
             "--host",
@@ -52,6 +60,8 @@ SERVERS = [
     ServerSpec("uvloop", "uvloop", "asyncio_echo.py", ("--loop", "uvloop")),
     ServerSpec("securetcp", "securetcp", "securetcp_echo.py"),
     ServerSpec("securetcp-uvloop", "securetcp-uvloop", "securetcp_echo.py", ("--loop", "uvloop")),
+    # The floor: single-threaded C epoll + the same OpenSSL, same TLS settings.
+    ServerSpec("c-openssl", "c-openssl", "c_echo.c", compiled=True),
 ]
 
 _FORK2 = ("--mode", "fork", "--processes", "2")
