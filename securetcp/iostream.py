@@ -281,7 +281,8 @@ class IOStream:
     def _start_read(
         self, kind: int, arg: Any, limit: int | None, partial: bool
     ) -> asyncio.Future[Any]:
-        if self._read_future is not None and not self._read_future.done():
+        future = self._read_future
+        if future is not None and not future.done():
             raise RuntimeError("Already reading")
         future = self._loop.create_future()
         self._read_future = future
@@ -290,10 +291,14 @@ class IOStream:
         self._read_limit = limit
         self._read_partial = partial
         self._read_scanned = 0
-        # A zero-length read needs no data: it completes now, even if none is buffered.
-        empty = (kind == _READ_BYTES and arg == 0) or (kind == _READ_INTO and not len(arg))
-        if (self._rbuf or empty) and self._satisfy_read():
+        if self._rbuf:
+            if self._satisfy_read():
+                return future
+        elif (kind == _READ_BYTES and not arg) or (kind == _READ_INTO and not len(arg)):
+            self._satisfy_read()  # a zero-length read needs no data: done now
             return future
+        if self._reading:
+            return future  # the common case: data will be signalled
         if self._closed or self._eof:
             self._fail_read(self.error)
             return future
@@ -403,6 +408,8 @@ class IOStream:
     def _handle_read(self) -> None:
         sock = self._sock
         tls = self._tls
+        tls_ptr = self._tls_ptr
+        has_pending = _has_pending
         scratch = self._scratch
         full = len(scratch)
         while True:
@@ -435,10 +442,12 @@ class IOStream:
             ):
                 # Fast path: hand the fresh bytes straight to the reader.
                 wanted: int = self._read_arg
+                self._read_future = None
+                self._read_arg = None
                 if n <= wanted:
-                    self._resolve_read(bytes(scratch[:n]))
+                    future.set_result(bytes(scratch[:n]))
                 else:
-                    self._resolve_read(bytes(scratch[:wanted]))
+                    future.set_result(bytes(scratch[:wanted]))
                     self._rbuf += scratch[wanted:n]
             else:
                 self._rbuf += scratch[:n]
@@ -453,8 +462,11 @@ class IOStream:
             # Keep reading only where more data is likely: a full buffer for
             # plain sockets, a full record or already-decrypted bytes for TLS.
             if tls is not None:
+                if tls_ptr and has_pending is not None:
+                    if not has_pending(tls_ptr):
+                        return
                 # Without read-ahead a full record hints that more is queued.
-                if (self._tls_ptr or n < _TLS_RECORD) and not self._tls_buffered():
+                elif n < _TLS_RECORD and not tls.pending():
                     return
             elif n < full:
                 return
