@@ -673,9 +673,11 @@ class SSLIOStream(IOStream):
         if server_context is not None:
             if isinstance(sock, ssl.SSLSocket):
                 raise TypeError("server_context needs a plain socket, not an SSLSocket")
-            # The _ssl object reports this stream to callbacks (sni_callback).
+            # With an sni_callback, OpenSSL's object reports this stream to it
+            # (the weak reference costs ~80 bytes, so only then).
+            owner = self if server_context.sni_callback is not None else None
             self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
-                sock, True, None, owner=self, session=None
+                sock, True, None, owner=owner, session=None
             )
         elif isinstance(sock, ssl.SSLSocket):
             # CPython keeps OpenSSL's connection object in _sslobj; another
