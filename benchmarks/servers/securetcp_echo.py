@@ -8,30 +8,10 @@ Modes (see DESIGN.md, tcpserver and process):
 
 from __future__ import annotations
 
-from typing import Any
-
 from _common import parse_args, prepare_process, server_context
 
-try:
-    from securetcp import StreamClosedError, TCPServer, bind_sockets, fork_processes
-except ImportError:  # the package may not re-export everything yet
-    from securetcp.iostream import StreamClosedError
-    from securetcp.netutil import bind_sockets
-    from securetcp.process import fork_processes
-    from securetcp.tcpserver import TCPServer
-
-
-class Echo(TCPServer):
-    """Echo every byte back."""
-
-    async def handle_stream(self, stream: Any, address: Any) -> None:
-        """Echo until the peer closes."""
-        try:
-            while True:
-                data = await stream.read_bytes(65536, partial=True)
-                await stream.write(data)
-        except StreamClosedError:
-            pass
+from securetcp import bind_sockets, fork_processes
+from securetcp.services.echo import EchoServer as Echo  # the echo service securetcp ships
 
 
 def main() -> None:
