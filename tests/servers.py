@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import socket
 import ssl
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
@@ -276,3 +280,36 @@ async def tls_attempt(
         return e
     assert got == payload
     return None
+
+
+# ------------------------------------------------------------ subprocesses
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
+    """Poll `path` until `pattern` appears in it; fail on a deadline or an early exit."""
+    deadline = time.monotonic() + 15.0
+    while True:
+        text = path.read_text(errors="replace")
+        match = re.search(pattern, text)
+        if match:
+            return match
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} (exit {proc.returncode}); output:\n{text}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], tmp_path: Path) -> Iterator[tuple[Any, Path, Path]]:
+    """Start `command`; yield (process, stdout file, stderr file); kill it if still alive."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=tmp_path)
+    try:
+        yield proc, out, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -9,16 +9,14 @@ is skipped when uvloop is not installed (the ``securetcp[uvloop]`` extra).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +29,10 @@ from servers import (
     open_tls,
     raw_connect,
     read_to_eof,
+    server_process,
     serving,
     until,
+    wait_for_text,
 )
 
 from securetcp import _openssl, iostream
@@ -279,34 +279,6 @@ print(f"listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True
 server.run(loop=sys.argv[3])
 print(f"stopped; loops: {sorted(loops)}", flush=True)
 """
-
-
-def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
-    """Poll `path` until `pattern` appears in it; fail on a deadline or an early exit."""
-    deadline = time.monotonic() + 15.0
-    while True:
-        text = path.read_text(errors="replace")
-        match = re.search(pattern, text)
-        if match:
-            return match
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"no {pattern!r} (exit {proc.returncode}); output:\n{text}")
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def server_process(command: list[str], tmp_path: Path) -> Iterator[tuple[Any, Path, Path]]:
-    """Start `command`; yield (process, stdout file, stderr file); kill it if still alive."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        proc = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=tmp_path)
-    try:
-        yield proc, out, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
 
 
 def tls_echo(port: int, context: ssl.SSLContext, payload: bytes) -> bytes:
