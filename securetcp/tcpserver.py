@@ -113,6 +113,12 @@ def classify_handshake_error(error: BaseException) -> str:
     return "protocol"
 
 
+# Linux copies TCP_NODELAY from a listening socket to the sockets it accepts;
+# elsewhere it is set on each accepted socket.
+_NODELAY_INHERITED = sys.platform.startswith("linux")
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 class _RateLimitedLog:
     """At most `burst` lines per `period` seconds; the rest are counted and summarised."""
 
@@ -226,6 +232,9 @@ class TCPServer:
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         """Accept connections on these listening sockets (from `bind_sockets`)."""
         for sock in sockets:
+            if _NODELAY_INHERITED and sock.family in _TCP_FAMILIES:
+                # Accepted sockets inherit it: no system call per connection.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets[sock.fileno()] = sock
         self._stopped = False
         try:
@@ -401,7 +410,7 @@ class TCPServer:
 
     def _on_accept(self, conn: socket.socket, address: Any) -> None:
         self._accepted += 1
-        if conn.family != socket.AF_UNIX:
+        if not _NODELAY_INHERITED and conn.family in _TCP_FAMILIES:
             # Nagle would stall each TLS 1.3 handshake ~40 ms on the session
             # tickets, and small replies in general.
             try:

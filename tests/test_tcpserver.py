@@ -853,3 +853,26 @@ async def test_handshake_failure_frees_a_max_connections_slot(pki: PKI, no_fd_le
         await until(lambda: server.stats.active == 0)
         assert server.stats.failures == {"plaintext": 3}
         assert server.stats.accepted == 4
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+async def test_accepted_sockets_have_nodelay(pki: PKI, tls: bool, no_fd_leak: None) -> None:
+    """Nagle is off on every accepted TCP socket (a TLS 1.3 handshake would stall on it)."""
+    seen: list[int] = []
+
+    class Server(TCPServer):
+        async def handle_stream(self, stream: IOStream, address: Any) -> None:
+            seen.append(stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            stream.close()
+
+    server = Server(pki.ssl_options() if tls else None)
+    async with serving(server) as port:
+        if tls:
+            _, writer = await open_tls(port, pki.client_context())
+        else:
+            _, writer = await asyncio.open_connection(HOST, port)
+        try:
+            await until(lambda: seen)
+        finally:
+            await close_writer(writer)
+    assert seen == [1]
