@@ -91,6 +91,20 @@ async def stream_pair(
         client.close()
 
 
+async def unstarted_tls_pair(pki: Any) -> tuple[SSLIOStream, SSLIOStream]:
+    """(server, client) TLS streams over SSLSockets whose handshake has not started."""
+    accepted, connecting = await socket_pair()
+    server = SSLIOStream(
+        server_context(pki).wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
+    )
+    client = SSLIOStream(
+        pki.client_context().wrap_socket(
+            connecting, server_hostname="localhost", do_handshake_on_connect=False
+        )
+    )
+    return server, client
+
+
 class MemoryTLSClient:
     """A TLS client on `ssl.SSLObject` over a plain socket: full control of the bytes.
 

@@ -9,7 +9,14 @@ import ssl
 from typing import Any
 
 import pytest
-from servers import MemoryTLSClient, server_context, socket_pair, stream_pair, until
+from servers import (
+    MemoryTLSClient,
+    server_context,
+    socket_pair,
+    stream_pair,
+    unstarted_tls_pair,
+    until,
+)
 
 from securetcp import iostream
 from securetcp.iostream import (
@@ -356,15 +363,7 @@ async def test_tls_facts(pki: Any, no_fd_leak: None) -> None:
 
 
 async def test_tls_writes_and_reads_before_handshake(pki: Any, no_fd_leak: None) -> None:
-    accepted, connecting = await socket_pair()
-    server = SSLIOStream(
-        server_context(pki).wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
-    )
-    client = SSLIOStream(
-        pki.client_context().wrap_socket(
-            connecting, server_hostname="localhost", do_handshake_on_connect=False
-        )
-    )
+    server, client = await unstarted_tls_pair(pki)
     try:
         # Issued before either side started the handshake: they wait for it.
         sent = client.write(b"early bird\n")
@@ -634,15 +633,7 @@ async def test_read_cancelled_by_timeout_then_read_again(
 
 
 async def test_wait_for_handshake_cancelled_then_again(pki: Any, no_fd_leak: None) -> None:
-    accepted, connecting = await socket_pair()
-    server = SSLIOStream(
-        server_context(pki).wrap_socket(accepted, server_side=True, do_handshake_on_connect=False)
-    )
-    client = SSLIOStream(
-        pki.client_context().wrap_socket(
-            connecting, server_hostname="localhost", do_handshake_on_connect=False
-        )
-    )
+    server, client = await unstarted_tls_pair(pki)
     try:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_for_handshake(), 0.05)
