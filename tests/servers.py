@@ -138,7 +138,9 @@ class MemoryTLSClient:
         else:
             self.incoming.write_eof()
 
-    async def handshake(self) -> None:
+    async def handshake(self, *, flush: bool = True) -> None:
+        """Complete the handshake; with ``flush=False`` the client's last flight
+        stays in `outgoing`, so a caller can send it together with data."""
         while True:
             try:
                 self.tls.do_handshake()
@@ -146,7 +148,8 @@ class MemoryTLSClient:
             except ssl.SSLWantReadError:
                 await self.flush()
                 await self._fill()
-        await self.flush()
+        if flush:
+            await self.flush()
 
     def client_hello(self) -> bytes:
         """The bytes of the ClientHello (before any handshake step was taken)."""

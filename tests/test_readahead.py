@@ -84,13 +84,7 @@ async def test_data_in_the_same_segment_as_the_handshake_end(
     """The client's Finished and its first request arrive together."""
     async with server_and_peer(pki) as (server, peer, sock):
         handshake = server.wait_for_handshake()
-        while True:
-            try:
-                peer.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await peer.flush()
-                await peer._fill()
+        await peer.handshake(flush=False)
         peer.tls.write(b"first request")  # queued behind the client's Finished
         await asyncio.get_running_loop().sock_sendall(sock, peer.outgoing.read())
         await asyncio.wait_for(handshake, 10)
