@@ -22,6 +22,10 @@ ensure_venv() {
 ensure_system_tools() {
   local missing=()
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v gnutls-cli >/dev/null || missing+=(gnutls-bin)
+  command -v curl >/dev/null || missing+=(curl)
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || missing+=(stunnel4)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "Installing ${missing[*]} with apt-get"
