@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
@@ -28,11 +29,18 @@ __all__ = [
     "CertificateFileError",
     "DevCertPaths",
     "PeerIdentity",
+    "certificate_label",
     "certificate_warnings",
+    "chain_order_problems",
+    "days_left",
+    "describe_certificate",
+    "hostname_matches",
+    "is_issued_by",
     "key_matches_certificate",
     "load_pem_certificates",
     "load_pem_private_key",
     "peer_identity_from_der",
+    "public_key_info",
     "validity_problem",
     "write_dev_certs",
 ]
@@ -175,11 +183,16 @@ def validity_problem(cert: x509.Certificate, now: datetime.datetime | None = Non
     return None
 
 
-def _describe(cert: x509.Certificate) -> str:
+def certificate_label(cert: x509.Certificate) -> str:
+    """A short name for ``cert`` in messages: ``CN=...``, else its subject or serial."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if names:
-        return f"certificate CN={names[0].value!s}"
-    return f"certificate {cert.subject.rfc4514_string() or f'serial {cert.serial_number:x}'}"
+        return f"CN={names[0].value!s}"
+    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return f"certificate {certificate_label(cert)}"
 
 
 def certificate_warnings(
@@ -264,6 +277,206 @@ def peer_identity_from_certificate(cert: x509.Certificate) -> PeerIdentity:
 def peer_identity_from_der(der: bytes) -> PeerIdentity:
     """Parse a DER certificate (``getpeercert(binary_form=True)``) once."""
     return peer_identity_from_certificate(x509.load_der_x509_certificate(der))
+
+
+# -- inspection ----------------------------------------------------------------
+
+
+def _oid_name(oid: x509.ObjectIdentifier) -> str:
+    """OpenSSL's short name for an OID ("serverAuth"), or its dotted form."""
+    name = getattr(oid, "_name", None)
+    return name if isinstance(name, str) and name != "Unknown OID" else oid.dotted_string
+
+
+def public_key_info(cert: x509.Certificate) -> dict[str, Any]:
+    """The certificate's key: ``{"type": "RSA"|"EC"|"Ed25519"|..., "bits": n, "curve": ...}``.
+
+    ``curve`` is the EC curve name (``secp256r1``), None for other key types.
+    """
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        return {"type": "RSA", "bits": key.key_size, "curve": None}
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return {"type": "EC", "bits": key.curve.key_size, "curve": key.curve.name}
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return {"type": "Ed25519", "bits": 256, "curve": None}
+    if isinstance(key, ed448.Ed448PublicKey):
+        return {"type": "Ed448", "bits": 456, "curve": None}
+    if isinstance(key, dsa.DSAPublicKey):
+        return {"type": "DSA", "bits": key.key_size, "curve": None}
+    return {"type": type(key).__name__, "bits": None, "curve": None}
+
+
+def days_left(cert: x509.Certificate, now: datetime.datetime | None = None) -> int:
+    """Whole days until ``cert`` expires (negative once it has)."""
+    return (cert.not_valid_after_utc - _utcnow(now)) // datetime.timedelta(days=1)
+
+
+def is_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s name and key signed ``cert``."""
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _extension(
+    cert: x509.Certificate, kind: type[x509.ExtensionType]
+) -> x509.Extension[Any] | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return None
+
+
+_KEY_USAGES = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+
+
+def _key_usage(usage: x509.KeyUsage) -> list[str]:
+    names = [name for name in _KEY_USAGES if getattr(usage, name)]
+    if usage.key_agreement:
+        names += [n for n in ("encipher_only", "decipher_only") if getattr(usage, n)]
+    return names
+
+
+def _general_name(name: x509.GeneralName) -> str:
+    value = name.value
+    if isinstance(value, x509.Name):
+        return value.rfc4514_string()
+    return str(value)
+
+
+def describe_certificate(
+    cert: x509.Certificate, now: datetime.datetime | None = None
+) -> dict[str, Any]:
+    """What matters in a certificate, as a JSON-ready dict (the ``certs show --json`` shape).
+
+    Keys: ``subject``, ``issuer``, ``common_name``, ``serial`` (hex),
+    ``not_before``/``not_after`` (ISO 8601 UTC), ``days_left``, ``key``
+    (:func:`public_key_info`), ``signature_algorithm``, ``sha256``,
+    ``self_signed``, ``subject_alt_names`` (``dns``, ``ip``, ``uri``,
+    ``email`` lists), ``key_usage`` and ``extended_key_usage`` (lists of
+    names, None when absent), ``basic_constraints`` (``ca``,
+    ``path_length``, or None) and ``name_constraints`` (``permitted``,
+    ``excluded``, or None).
+    """
+    identity = peer_identity_from_certificate(cert)
+    key_usage = _extension(cert, x509.KeyUsage)
+    eku = _extension(cert, x509.ExtendedKeyUsage)
+    basic = _extension(cert, x509.BasicConstraints)
+    constraints = _extension(cert, x509.NameConstraints)
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "common_name": identity.common_name,
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
+        "not_after": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+        "days_left": days_left(cert, now),
+        "key": public_key_info(cert),
+        "signature_algorithm": _oid_name(cert.signature_algorithm_oid),
+        "sha256": identity.fingerprint_sha256,
+        "self_signed": is_issued_by(cert, cert),
+        "subject_alt_names": {
+            "dns": list(identity.dns_names),
+            "ip": [str(ip) for ip in identity.ip_addresses],
+            "uri": list(identity.uris),
+            "email": list(identity.emails),
+        },
+        "key_usage": None if key_usage is None else _key_usage(key_usage.value),
+        "extended_key_usage": None if eku is None else [_oid_name(o) for o in eku.value],
+        "basic_constraints": None
+        if basic is None
+        else {"ca": basic.value.ca, "path_length": basic.value.path_length},
+        "name_constraints": None
+        if constraints is None
+        else {
+            "permitted": [_general_name(n) for n in constraints.value.permitted_subtrees or ()],
+            "excluded": [_general_name(n) for n in constraints.value.excluded_subtrees or ()],
+        },
+    }
+
+
+def chain_order_problems(chain: Sequence[x509.Certificate]) -> list[str]:
+    """Why ``chain`` (as a server would send it) is not leaf first, each issued by the next.
+
+    An empty list means every certificate is signed by the one after it.
+    Certificates that belong to the chain but are out of place are told
+    apart from ones that belong to no chain at all.
+    """
+    problems: list[str] = []
+    for i in range(len(chain) - 1):
+        cert, following = chain[i], chain[i + 1]
+        if is_issued_by(cert, following):
+            continue
+        issuers = [j + 1 for j, other in enumerate(chain) if j != i and is_issued_by(cert, other)]
+        where = (
+            f"its issuer is certificate {issuers[0]}: the chain is out of order"
+            if issuers
+            else "the next certificate did not issue it"
+        )
+        problems.append(
+            f"certificate {i + 1} ({certificate_label(cert)}) is followed by "
+            f"certificate {i + 2} ({certificate_label(following)}), but {where}"
+        )
+    return problems
+
+
+def _hostname_key(name: str) -> str:
+    """A DNS name compared the way certificates spell it: A-labels, lowercase, no final dot."""
+    name = name.rstrip(".")
+    try:
+        name.encode("ascii")
+    except UnicodeEncodeError:
+        name = name.encode("idna").decode("ascii")
+    return name.lower()
+
+
+def _wildcard_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 section 6.4.3, as browsers apply it.
+
+    The wildcard must be the whole left-most label and stands for exactly one
+    non-empty label; it never matches an IDN A-label, and at least two labels
+    must follow it (no ``*.com``).
+    """
+    labels = pattern.split(".")
+    if labels[0] != "*" or len(labels) < 3 or "*" in ".".join(labels[1:]):
+        return False
+    first, _, rest = name.partition(".")
+    return bool(first) and not first.startswith("xn--") and rest == ".".join(labels[1:])
+
+
+def hostname_matches(cert: x509.Certificate, hostname: str) -> bool:
+    """True if ``cert``'s subjectAltName covers ``hostname`` (a DNS name or an IP address).
+
+    IP addresses match IP entries only; DNS names match DNS entries exactly
+    (case-insensitive) or through a wildcard per RFC 6125. The subject's
+    common name is not used, as modern clients no longer do.
+    """
+    identity = peer_identity_from_certificate(cert)
+    try:
+        address = ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return address in identity.ip_addresses
+    name = _hostname_key(hostname)
+    for pattern in identity.dns_names:
+        pattern = _hostname_key(pattern)
+        if pattern == name or _wildcard_matches(pattern, name):
+            return True
+    return False
 
 
 # -- development PKI -----------------------------------------------------------
