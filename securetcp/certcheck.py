@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ EXPIRY_WARNING_DAYS = 30
 #: EC curves TLS clients accept for certificates (P-256 and stronger).
 ACCEPTED_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 MIN_RSA_BITS = 2048
+#: The checks, in the order reports list them.
+CHECKS = ("key", "chain", "trust", "validity", "hostname", "key_strength", "signature", "purpose")
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
 _EKU = {
     "server": x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
@@ -133,7 +136,10 @@ def load_trust_store(ca: StrPath | None) -> tuple[list[x509.Certificate], str]:
     if ca is None:
         import certifi
 
-        return load_pem_certificates(certifi.where()), "certifi"
+        with warnings.catch_warnings():
+            # certifi's bundle holds a root or two that cryptography frowns upon.
+            warnings.simplefilter("ignore")
+            return load_pem_certificates(certifi.where()), "certifi"
     path = Path(ca)
     if path.is_dir():
         found: list[x509.Certificate] = []
@@ -457,4 +463,5 @@ def check_certificate(
     _check_hostname(report, hostname)
     _check_strength(report, path)
     _check_purpose(report, purpose)
+    report.findings.sort(key=lambda f: CHECKS.index(f.check))
     return report

@@ -20,6 +20,7 @@ from securetcp.cli._common import (
     CheckFailed,
     CommandError,
     add_logging_options,
+    add_subcommands,
     configure_logging,
     one_line_error,
 )
@@ -36,6 +37,7 @@ examples:
   securetcp echo --port 8443                # TLS echo server on those certificates
   securetcp probe example.org:443           # what the server at the other end offers
   securetcp certs check --cert certs/server.pem --key certs/server.key --ca certs/ca.pem
+  securetcp --log-format json echo          # logging options go before or after COMMAND
 
 Run `securetcp COMMAND --help` for each command's options and examples.
 """
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_logging_options(parser)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand also accepts the logging options after its name.
+    commands = add_subcommands(parser, "command", "COMMAND")
     for name in _command_modules():
         module = importlib.import_module(f"securetcp.cli.{name}")
         module.register(commands)

@@ -15,8 +15,13 @@ __all__ = [
     "EXIT_USAGE",
     "CheckFailed",
     "CommandError",
+    "Subcommands",
+    "add_cert_options",
+    "add_json_option",
     "add_logging_options",
+    "add_subcommands",
     "configure_logging",
+    "logging_parent",
     "one_line_error",
     "print_json",
 ]
@@ -56,23 +61,97 @@ class JSONLogFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def add_logging_options(parser: argparse.ArgumentParser) -> None:
-    """--verbose, --log-level and --log-format, accepted before the subcommand."""
+def _logging_arguments(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    # With SUPPRESS defaults a subcommand's copy sets a value only when given,
+    # so the top-level value (or default) stands otherwise.
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
     group = parser.add_argument_group("logging")
     group.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors"
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="debug logging, and tracebacks on errors",
     )
     group.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        default="info",
+        default=default("info"),
         help="log level (default: info)",
     )
     group.add_argument(
         "--log-format",
         choices=("text", "json"),
-        default="text",
+        default=default("text"),
         help="text lines, or one JSON object per line (default: text)",
+    )
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """--verbose, --log-level and --log-format on the top-level parser."""
+    _logging_arguments(parser, suppress=False)
+
+
+def logging_parent() -> argparse.ArgumentParser:
+    """The logging options for a subcommand's parser (``parents=[...]``).
+
+    They may then be given after the subcommand too
+    (``securetcp echo --log-format json``).
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    _logging_arguments(parent, suppress=True)
+    return parent
+
+
+class Subcommands:
+    """``add_subparsers()``'s result, giving every subcommand the logging options."""
+
+    def __init__(self, action: Any) -> None:
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """As ``add_parser``, with the logging options added (and RawDescription help)."""
+        kwargs["parents"] = [*kwargs.get("parents", ()), logging_parent()]
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        return parser
+
+
+def add_subcommands(parser: argparse.ArgumentParser, dest: str, metavar: str) -> Subcommands:
+    """Required subcommands of ``parser``, stored in ``args.<dest>``."""
+    return Subcommands(parser.add_subparsers(dest=dest, required=True, metavar=metavar))
+
+
+def add_json_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--json``: print one JSON object (``what``) on one line instead of text."""
+    parser.add_argument(
+        "--json", action="store_true", help=f"print {what} as one JSON object on one line"
+    )
+
+
+def add_cert_options(
+    parser: argparse.ArgumentParser | Any,
+    *,
+    prefix: str = "",
+    cert_help: str = "certificate chain (PEM)",
+    key_help: str = "private key (PEM; default: in the certificate file)",
+    required: bool = False,
+) -> None:
+    """``--cert``/``--key`` (``--certfile``/``--keyfile`` as aliases), optionally prefixed."""
+    dash = f"--{prefix}-" if prefix else "--"
+    dest = f"{prefix.replace('-', '_')}_" if prefix else ""
+    parser.add_argument(
+        f"{dash}cert",
+        f"{dash}certfile",
+        dest=f"{dest}cert",
+        metavar="FILE",
+        required=required,
+        help=cert_help,
+    )
+    parser.add_argument(
+        f"{dash}key", f"{dash}keyfile", dest=f"{dest}key", metavar="FILE", help=key_help
     )
 
 
