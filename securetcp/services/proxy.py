@@ -1,0 +1,495 @@
+"""A TLS proxy: terminate TLS in front of a plain service, or re-originate it.
+
+`TLSProxy` accepts clients (over TLS, or plain TCP with ``ssl_options=None``)
+and pipes their bytes to one upstream: plain TCP (TLS termination), TLS
+(re-origination, with certificate verification, SNI and an optional client
+certificate for upstream mutual TLS), or a unix socket. Each connection gets
+its own upstream connection; nothing is shared between clients.
+
+Both directions are pumped with backpressure: a chunk is read only once the
+previous one has been handed to the kernel on the other side, so memory per
+connection stays bounded (one chunk in flight plus the reading stream's
+high-water mark) whatever the speed of either peer.
+
+End of stream: when one peer closes (a TCP FIN, or a TLS close_notify), the
+proxy delivers everything it already read from that peer, then closes the
+connection to the other peer gracefully (a FIN, or close_notify for TLS).
+A connection that breaks with an error (a reset, a TLS error) is aborted on
+the other side too and counted. An upstream that refuses, times out or fails
+its TLS handshake closes the client at once; it is logged (rate-limited) and
+counted in ``stats.failures["upstream"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias
+
+from securetcp.certs import PeerIdentity
+from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.tcpserver import ServerStats, TCPServer
+
+__all__ = ["TLSProxy", "UpstreamError", "allow_list", "parse_upstream"]
+
+log = logging.getLogger("securetcp.proxy")
+
+Upstream: TypeAlias = "tuple[str, int] | str"
+
+#: Bytes read per chunk: four full TLS records.
+CHUNK_SIZE = 65536
+
+# Reasons counted in `stats.failures` besides the server's own.
+UPSTREAM = "upstream"  # could not reach the upstream (refused, timed out, TLS failed)
+UPSTREAM_RESET = "upstream_reset"  # the upstream connection broke mid-transfer
+CLIENT_RESET = "client_reset"  # the client connection broke mid-transfer
+
+
+class UpstreamError(ConnectionError):
+    """The upstream could not be reached: refused, timed out, or its TLS handshake failed."""
+
+
+class _PeerBroke(Exception):
+    """Why a stream was aborted: its peer's connection on the other side broke."""
+
+
+# ----------------------------------------------------------------- options
+
+
+def parse_upstream(upstream: Upstream) -> tuple[str, int] | str:
+    """`upstream` as ``(host, port)`` or a unix socket path; ValueError if malformed.
+
+    Accepts ``(host, port)``, ``"host:port"``, ``"[v6addr]:port"``, and unix
+    socket paths (anything with a ``/``, or ``"unix:"`` followed by a path).
+    """
+    if isinstance(upstream, tuple):
+        if len(upstream) != 2:
+            raise ValueError(f"upstream: expected (host, port), got {upstream!r}")
+        host, port = upstream
+        return _checked_address(str(host), port, upstream)
+    if not isinstance(upstream, str) or not upstream:
+        raise ValueError(f"upstream: expected 'HOST:PORT' or a unix socket path, got {upstream!r}")
+    if upstream.startswith("unix:"):
+        path = upstream[len("unix:") :]
+        if not path:
+            raise ValueError("upstream: 'unix:' needs a socket path after it")
+        return path
+    if "/" in upstream:
+        return upstream
+    host, sep, port_text = upstream.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(
+            f"upstream: expected HOST:PORT (e.g. 127.0.0.1:8080) or a unix socket path "
+            f"(e.g. /run/app.sock), got {upstream!r}"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"upstream: write an IPv6 address in brackets, [{host}]:{port_text}")
+    return _checked_address(host, int(port_text), upstream)
+
+
+def _checked_address(host: str, port: object, given: object) -> tuple[str, int]:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"upstream: port must be in 1..65535, got {given!r}")
+    if not host:
+        raise ValueError(f"upstream: empty host in {given!r}")
+    return host, port
+
+
+def allow_list(
+    cns: Iterable[str] = (), uris: Iterable[str] = (), dns: Iterable[str] = ()
+) -> Callable[[PeerIdentity], bool]:
+    """An ``authorize`` callable for `TLSConfig`: allow peers named in any list.
+
+    A peer is allowed when its certificate's subject common name is one of
+    `cns`, or one of its URI subject alternative names (SPIFFE IDs such as
+    ``spiffe://example.org/billing``) is one of `uris`, or one of its DNS
+    names is one of `dns` (compared case-insensitively). Matches are exact;
+    ValueError if all three lists are empty.
+    """
+    allowed_cns = frozenset(cns)
+    allowed_uris = frozenset(uris)
+    allowed_dns = frozenset(name.lower().rstrip(".") for name in dns)
+    if not (allowed_cns or allowed_uris or allowed_dns):
+        raise ValueError("allow_list: give at least one common name, URI or DNS name")
+
+    def authorize(peer: PeerIdentity) -> bool:
+        if peer.common_name is not None and peer.common_name in allowed_cns:
+            return True
+        if not allowed_uris.isdisjoint(peer.uris):
+            return True
+        return any(name.lower().rstrip(".") in allowed_dns for name in peer.dns_names)
+
+    return authorize
+
+
+# --------------------------------------------------------------- logging
+
+
+class _RateLimitedLog:
+    """At most `burst` lines per `period` seconds; the rest are counted and summarised."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 10.0) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._period = period
+        self._window_start = 0.0
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(logging.WARNING):
+            return
+        now = time.monotonic()
+        if now - self._window_start >= self._period:
+            if self._suppressed:
+                self._logger.warning(
+                    "%d more upstream failures in the last %.0f s",
+                    self._suppressed,
+                    self._period,
+                )
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        if self._count < self._burst:
+            self._count += 1
+            self._logger.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
+def _where(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address) or "unix socket"
+
+
+def _reason(error: BaseException) -> str:
+    """A short, lower-case reason for a log line."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {error.verify_message or error.reason}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake failed: {error.reason or error}"
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(error, OSError) and error.errno:
+        # asyncio's messages ("Connect call failed ...") say less than errno.
+        return os.strerror(error.errno).lower()
+    return str(error) or type(error).__name__
+
+
+# ------------------------------------------------------------------ proxy
+
+
+class TLSProxy(TCPServer):
+    """Pipe each client connection to `upstream`, with TLS on either side or both.
+
+    `upstream` is ``(host, port)``, ``"host:port"`` or a unix socket path.
+    `upstream_ssl` is None (plain TCP to the upstream), True (TLS verified
+    against certifi's CAs, `securetcp.client.client_context()`), or an
+    `ssl.SSLContext` (your CA, a client certificate for mutual TLS...).
+    `upstream_server_hostname` is the name sent as SNI and checked against
+    the upstream's certificate (default: the upstream host; required for TLS
+    over a unix socket with hostname checking). `connect_timeout` bounds the
+    TCP connect and TLS handshake together. `send_proxy` (1 or 2) starts each
+    upstream connection with a PROXY protocol header carrying the client's
+    address, before any TLS byte. Every other keyword goes to `TCPServer`
+    (``ssl_options=None`` accepts plain TCP clients).
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        upstream_ssl: ssl.SSLContext | bool | None = None,
+        upstream_server_hostname: str | None = None,
+        connect_timeout: float = 10.0,
+        send_proxy: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.upstream = parse_upstream(upstream)
+        if upstream_ssl is True:
+            from securetcp.client import client_context
+
+            context: ssl.SSLContext | None = client_context()
+        elif upstream_ssl is None or upstream_ssl is False:
+            context = None
+        elif isinstance(upstream_ssl, ssl.SSLContext):
+            context = upstream_ssl
+        else:
+            raise TypeError(
+                f"upstream_ssl must be None, True or an ssl.SSLContext, not {upstream_ssl!r}"
+            )
+        if upstream_server_hostname is not None and context is None:
+            raise ValueError("upstream_server_hostname needs upstream_ssl")
+        unix = isinstance(self.upstream, str)
+        if unix and context is not None and context.check_hostname and not upstream_server_hostname:
+            raise ValueError(
+                "TLS to a unix socket upstream needs upstream_server_hostname "
+                "(the name to check the upstream's certificate against)"
+            )
+        if send_proxy not in (None, 1, 2):
+            raise ValueError(f"send_proxy must be None, 1 or 2, not {send_proxy!r}")
+        if not connect_timeout > 0:
+            raise ValueError("connect_timeout must be positive")
+        super().__init__(**kwargs)
+        self.upstream_ssl = context
+        self.upstream_server_hostname = upstream_server_hostname or (
+            None if isinstance(self.upstream, str) else self.upstream[0]
+        )
+        self.connect_timeout = connect_timeout
+        self.send_proxy = send_proxy
+        self._encode_proxy_header: Callable[..., bytes] | None = None
+        if send_proxy is not None:
+            from securetcp.proxyproto import encode_proxy_header
+
+            self._encode_proxy_header = encode_proxy_header
+        # An IP literal is connected to directly: no resolver thread per connection.
+        self._sockaddr: tuple[socket.AddressFamily, Any] | None = None
+        if isinstance(self.upstream, str):
+            self._sockaddr = (socket.AF_UNIX, self.upstream)
+        else:
+            try:
+                ip = ipaddress.ip_address(self.upstream[0])
+            except ValueError:
+                pass
+            else:
+                family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+                self._sockaddr = (family, (str(ip), self.upstream[1]))
+        self._proxy_failures: dict[str, int] = {}
+        self._upstream_log = _RateLimitedLog(log)
+        self._upstreams: set[IOStream] = set()
+
+    # ------------------------------------------------------------- stats
+
+    @property
+    def stats(self) -> ServerStats:
+        """The server's counters, with the proxy's failures in ``failures``.
+
+        ``"upstream"``: the upstream refused, timed out or failed its TLS
+        handshake; ``"upstream_reset"`` / ``"client_reset"``: that side's
+        connection broke with an error mid-transfer.
+        """
+        stats = super().stats
+        if not self._proxy_failures:
+            return stats
+        failures = dict(stats.failures)
+        for reason, count in self._proxy_failures.items():
+            failures[reason] = failures.get(reason, 0) + count
+        return dataclasses.replace(stats, failures=failures)
+
+    def _count(self, reason: str) -> None:
+        self._proxy_failures[reason] = self._proxy_failures.get(reason, 0) + 1
+
+    # -------------------------------------------------------------- serve
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+        """Connect to the upstream, then pipe bytes both ways until both ends close."""
+        try:
+            upstream = await self._connect_upstream(stream, address)
+        except UpstreamError as e:
+            self._upstream_failed(address, e)
+            stream.close()
+            return
+        except BaseException:
+            stream.close()
+            raise
+        self._upstreams.add(upstream)
+        back = asyncio.ensure_future(_pump(upstream, stream))
+        try:
+            await _pump(stream, upstream)
+            await back
+        finally:
+            if not back.done():
+                back.cancel()
+            self._finish(stream, upstream, address)
+
+    def _upstream_failed(self, address: Any, error: BaseException) -> None:
+        self._count(UPSTREAM)
+        self._upstream_log.warning(
+            "upstream %s for client %s: %s", _where(self.upstream), _where(address), error
+        )
+
+    def _finish(self, client: IOStream, upstream: IOStream, address: Any) -> None:
+        """Close both ends; count a side that broke with an error."""
+        self._upstreams.discard(upstream)
+        if _broken(client.error):
+            self._count(CLIENT_RESET)
+        error = upstream.error
+        if _broken(error):
+            if isinstance(error, ssl.SSLError) and upstream.bytes_received == 0:
+                # TLS 1.3: an upstream that refuses our client certificate
+                # says so after our side of the handshake has completed.
+                self._upstream_failed(address, UpstreamError(_reason(error)))
+            else:
+                self._count(UPSTREAM_RESET)
+        client.close()
+        upstream.close()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop accepting, let connections finish (up to `timeout` s), close the rest."""
+        await super().close(timeout)
+        for upstream in list(self._upstreams):
+            upstream.close()
+
+    # ----------------------------------------------------------- upstream
+
+    async def _connect_upstream(self, client: IOStream, address: Any) -> IOStream:
+        """A connected (and TLS-handshaken) upstream stream, or UpstreamError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        header = self._proxy_header(client, address) if self.send_proxy else None
+        sock = await self._connect_socket(loop, self.upstream, deadline)
+        try:
+            if header:
+                # Before any TLS byte: the upstream reads it first. A fresh
+                # socket's send buffer takes it at once.
+                await self._within(loop.sock_sendall(sock, header), deadline)
+            if self.upstream_ssl is None:
+                return IOStream(sock, max_buffer_size=self.max_buffer_size)
+            tls_sock = self.upstream_ssl.wrap_socket(
+                sock, server_hostname=self.upstream_server_hostname, do_handshake_on_connect=False
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            sock.close()
+            raise UpstreamError(_reason(e)) from e
+        except BaseException:
+            sock.close()
+            raise
+        stream = SSLIOStream(tls_sock, max_buffer_size=self.max_buffer_size)
+        try:
+            await self._within(stream.wait_for_handshake(), deadline)
+        except StreamClosedError as e:
+            stream.close()
+            error = e.real_error or e
+            raise UpstreamError(_reason(error)) from error
+        except asyncio.TimeoutError as e:
+            stream.close()
+            raise UpstreamError(f"TLS handshake timed out after {self.connect_timeout:g} s") from e
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    async def _connect_socket(
+        self, loop: asyncio.AbstractEventLoop, upstream: tuple[str, int] | str, deadline: float
+    ) -> socket.socket:
+        if self._sockaddr is not None:
+            candidates = [self._sockaddr]
+        else:
+            assert isinstance(upstream, tuple)
+            host, port = upstream
+            try:
+                infos = await self._within(
+                    loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), deadline
+                )
+            except socket.gaierror as e:
+                raise UpstreamError(f"cannot resolve {host!r}: {e.strerror}") from e
+            except asyncio.TimeoutError as e:
+                raise UpstreamError("timed out resolving the upstream's name") from e
+            candidates = [(info[0], info[4]) for info in infos]
+        error: BaseException | None = None
+        for family, sockaddr in candidates:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                if family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await self._within(loop.sock_connect(sock, sockaddr), deadline)
+                return sock
+            except asyncio.TimeoutError:
+                sock.close()
+                raise UpstreamError(f"connect timed out after {self.connect_timeout:g} s") from None
+            except OSError as e:
+                sock.close()
+                error = e
+            except BaseException:
+                sock.close()
+                raise
+        assert error is not None
+        raise UpstreamError(_reason(error)) from error
+
+    @staticmethod
+    async def _within(awaitable: Any, deadline: float) -> Any:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise asyncio.TimeoutError
+        return await asyncio.wait_for(awaitable, remaining)
+
+    def _proxy_header(self, client: IOStream, address: Any) -> bytes:
+        """The PROXY header naming the client: its address and the one it reached."""
+        assert self._encode_proxy_header is not None
+        received = getattr(client, "proxy_header", None)
+        destination: Any = received.destination if received is not None else None
+        source: Any = None
+        if isinstance(address, tuple) and len(address) >= 2:
+            source = (address[0], address[1])
+            if destination is None:
+                try:
+                    local = client.socket.getsockname()
+                except OSError:
+                    local = None
+                if isinstance(local, tuple):
+                    destination = (local[0], local[1])
+        if source is None or destination is None:
+            source = destination = None  # unix socket clients: LOCAL / UNKNOWN
+        try:
+            return self._encode_proxy_header(source, destination, version=self.send_proxy)
+        except ValueError:
+            # Mixed families (an IPv4 client behind an IPv6 listener...): say nothing.
+            return self._encode_proxy_header(None, None, version=self.send_proxy)
+
+
+def _broken(error: BaseException | None) -> bool:
+    """Whether a stream was closed by a network or TLS error (not an idle timeout)."""
+    return isinstance(error, (OSError, ssl.SSLError)) and not isinstance(
+        error, (TimeoutError, StreamClosedError)
+    )
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _abort(stream: IOStream) -> None:
+    """Close `stream` as broken: a TCP reset, and no TLS close_notify.
+
+    A peer then cannot mistake a truncated transfer for a complete one.
+    """
+    if stream.closed():
+        return
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError:
+        pass
+    stream.close(_PeerBroke("the connection on the other side of the proxy broke"))
+
+
+async def _pump(source: IOStream, sink: IOStream) -> None:
+    """Copy `source` to `sink` until `source` ends; then close `sink` gracefully.
+
+    Each write is awaited before the next read, so at most one chunk waits
+    in `sink`'s queue; meanwhile `source` stops reading from its socket at
+    its high-water mark and the kernel pushes back on the sender.
+    """
+    read = source.read_bytes
+    write = sink.write
+    try:
+        while True:
+            await write(await read(CHUNK_SIZE, True))
+    except StreamClosedError:
+        pass
+    if _broken(source.error):
+        _abort(sink)
+    else:
+        # The kernel has every byte we read (each write was awaited): end cleanly.
+        sink.close()
