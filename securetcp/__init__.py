@@ -6,13 +6,13 @@ The public API, re-exported from the modules that define it.
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import (
     IOStream,
-    SSLIOStream,
     StreamBufferFullError,
     StreamClosedError,
     UnsatisfiableReadError,
 )
 from securetcp.netutil import add_accept_handler, bind_sockets, bind_unix_socket
 from securetcp.process import cpu_count, fork_processes, task_id
+from securetcp.ssliostream import SSLIOStream
 from securetcp.tcpserver import ServerStats, TCPServer
 from securetcp.tls import SSLOptionsError, TLSConfig, ssl_options_to_context
 

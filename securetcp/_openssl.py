@@ -5,9 +5,16 @@ they come from the very libssl that Python uses (its version must equal
 ``ssl.OPENSSL_VERSION_NUMBER``). Object pointers are read from CPython's
 structs: ``PySSLContext`` starts with ``SSL_CTX *ctx`` and ``PySSLSocket``
 with ``PyObject *Socket; SSL *ssl; PySSLContext *ctx`` right after
-``PyObject_HEAD``, as in every CPython from 3.7 to 3.14. Each layout is
-checked before a pointer read from it is used (see `ssl_pointer`), and every
-caller has a fallback for when this module cannot help.
+``PyObject_HEAD``, as in every CPython from 3.7 to 3.14. A pointer read from
+a struct is never handed to OpenSSL before it is proven safe: the memory it
+points to must be readable (asked of the kernel, which answers EFAULT where
+a read would crash, see `readable`) and, for an ``SSL*``, the struct's layout
+must be confirmed (see `ssl_pointer`). Every caller has a fallback for when
+this module cannot help.
+
+The functions are loaded with ``ctypes.PyDLL``: they hold the GIL, which is
+right for calls this short (``CDLL`` would release and retake it on each
+``SSL_has_pending`` in the read loop).
 """
 
 from __future__ import annotations
@@ -15,13 +22,22 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import platform
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LibSSL", "libssl", "ssl_ctx_pointer", "ssl_pointer", "tune_connection"]
+__all__ = [
+    "LibSSL",
+    "enable_read_ahead",
+    "libssl",
+    "readable",
+    "release_buffers_when_idle",
+    "ssl_ctx_pointer",
+    "ssl_pointer",
+]
 
 log = logging.getLogger("securetcp.tls")
 
@@ -54,7 +70,7 @@ def _open() -> LibSSL:
     import _ssl
 
     # dlsym on the _ssl module's handle also searches its dependencies (libssl).
-    lib = ctypes.CDLL(getattr(_ssl, "__file__", None))
+    lib = ctypes.PyDLL(getattr(_ssl, "__file__", None))
     version = lib.OpenSSL_version_num
     version.restype, version.argtypes = ctypes.c_ulong, []
     if version() != ssl.OPENSSL_VERSION_NUMBER:
@@ -91,52 +107,134 @@ def libssl() -> LibSSL | None:
 
 
 def _word(address: int) -> int:
+    # Only ever called on addresses inside a live Python object's struct.
     return ctypes.c_void_p.from_address(address).value or 0
 
 
+#: Bytes that must be readable behind a pointer before OpenSSL is given it
+#: (more than the fields read through it: options, the SSL_CTX of an SSL).
+_PROBE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_write() -> Callable[..., int] | None:
+    try:
+        write = ctypes.CDLL(None).write
+    except (OSError, AttributeError):
+        return None
+    write.restype = ctypes.c_ssize_t
+    write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    return write  # type: ignore[no-any-return]
+
+
+def readable(self, address: int, size: int) -> bool:
+        if address <= 0 or address % _POINTER:
+            return False
+        written = self._write(self._write_fd, address, size)
+        if written > 0:
+            os.read(self._read_fd, written)  # drain: the pipe stays empty
+        return bool(written == size)
+
+
+@functools.lru_cache(maxsize=1)
+def _memory_probe() -> _MemoryProbe | None:
+    try:
+        return _MemoryProbe()
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def readable(address: int, size: int = _PROBE_SIZE) -> bool:
+    """Whether `size` bytes at `address` can be read without crashing.
+
+    Asks the kernel: ``write(2)`` from the address into a pipe fails with
+    EFAULT for unmapped memory, where reading it would crash. (The pipe
+    lives for one call: this runs when a context or a struct layout is
+    first proven, not per connection.)
+    """
+    write = _libc_write()
+    if write is None or address <= 0 or address % _POINTER:
+        return False
+    read_fd, write_fd = os.pipe()
+    try:
+        return bool(write(write_fd, address, size) == size)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 def ssl_ctx_pointer(context: ssl.SSLContext) -> int:
-    """The ``SSL_CTX*`` held by a CPython ``PySSLContext`` (0 if not found)."""
+    """The ``SSL_CTX*`` held by a CPython ``PySSLContext`` (0 if not found).
+
+    Readable memory is all this proves; `securetcp._tls_groups` proves the
+    rest (OpenSSL's view of the options must track the context's) before
+    changing anything through it.
+    """
     if type(context).__basicsize__ < _OBJECT_HEAD + _POINTER:
         return 0
-    return _word(id(context) + _OBJECT_HEAD)
+    pointer = _word(id(context) + _OBJECT_HEAD)
+    return pointer if readable(pointer) else 0
+
+
+_proven_layouts: set[type] = set()
 
 
 def ssl_pointer(tls: Any) -> int:
     """The ``SSL*`` of an ``_ssl._SSLSocket`` object (0 if not found).
 
     The layout is confirmed before the pointer is trusted: the struct's
-    ``ctx`` field must be the object's own context, and OpenSSL must agree
-    that this ``SSL*`` belongs to that context's ``SSL_CTX*``.
+    ``ctx`` field must be the object's own context (checked every time: a
+    cheap read inside the object), and, the first time for its type, the
+    pointer must be readable memory and OpenSSL must agree that this
+    ``SSL*`` belongs to that context's ``SSL_CTX*``. Once a type's layout
+    is proven, its ``SSL*`` field is what CPython stored there.
     """
     lib = libssl()
-    if lib is None or type(tls).__basicsize__ < _OBJECT_HEAD + 3 * _POINTER:
+    kind = type(tls)
+    if lib is None or kind.__basicsize__ < _OBJECT_HEAD + 3 * _POINTER:
         return 0
     context = tls.context
     if _word(id(tls) + _OBJECT_HEAD + 2 * _POINTER) != id(context):
         return 0
     pointer = _word(id(tls) + _OBJECT_HEAD + _POINTER)
-    if not pointer or lib.get_ssl_ctx(pointer) != ssl_ctx_pointer(context):
+    if kind in _proven_layouts:
+        return pointer
+    if not readable(pointer):
         return 0
+    context_pointer = ssl_ctx_pointer(context)
+    if not context_pointer or lib.get_ssl_ctx(pointer) != context_pointer:
+        return 0
+    _proven_layouts.add(kind)
     return pointer
 
 
-def tune_connection(tls: Any) -> int:
-    """Turn on read-ahead for one connection; its ``SSL*``, or 0 if not done.
+def release_buffers_when_idle(tls: Any) -> int:
+    """Let OpenSSL free a connection's buffers whenever they empty; its ``SSL*``.
 
-    Without read-ahead OpenSSL reads each record with two system calls
-    (header, then body); with it, one call fills its buffer (several records). The price is
-    that bytes may then wait inside OpenSSL undecrypted, where neither the
-    socket's readiness nor ``pending()`` shows them: the caller must check
-    ``SSL_has_pending`` (`LibSSL.has_pending`) before waiting for readiness.
-    Call this before the handshake (the buffer is sized at first use).
+    Call it before the handshake: an idle connection then holds no read or
+    write buffer. Returns 0 where this module cannot help.
     """
     lib = libssl()
     pointer = ssl_pointer(tls) if lib is not None else 0
     if not pointer or lib is None:
         return 0
-    lib.set_read_buffer_len(pointer, READ_BUFFER_LEN)
-    lib.set_read_ahead(pointer, 1)
-    # Buffers are freed whenever they empty, so an idle connection does not
-    # keep its READ_BUFFER_LEN (measured: no cost to message rates here).
     lib.ssl_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_RELEASE_BUFFERS, None)
     return pointer
+
+
+def enable_read_ahead(pointer: int) -> None:
+    """Turn on read-ahead for the connection whose ``SSL*`` is `pointer`.
+
+    Without read-ahead OpenSSL reads each record with two system calls
+    (header, then body); with it, one call fills a `READ_BUFFER_LEN` buffer
+    (several records). Called once the handshake is done, so a ClientHello
+    never gets the large buffer (a flood of them costs OpenSSL's default).
+    The price is that bytes may then wait inside OpenSSL undecrypted, where
+    neither the socket's readiness nor ``pending()`` shows them: the caller
+    must check ``SSL_has_pending`` (`LibSSL.has_pending`) before waiting.
+    """
+    lib = libssl()
+    if lib is None or not pointer:
+        return
+    lib.set_read_buffer_len(pointer, READ_BUFFER_LEN)
+    lib.set_read_ahead(pointer, 1)

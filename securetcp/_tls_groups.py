@@ -17,8 +17,14 @@ module before Python 3.15 can only pin one group (``set_ecdh_curve``), so:
    ``ssl.OPENSSL_VERSION_NUMBER``, ``SSL_CTX_get_options`` must track
    ``SSLContext.options``, and groups set through it must appear, and be
    the only ones, in the ClientHello that context produces;
-3. if any step fails, ``set_ecdh_curve("prime256v1")`` is the fallback
-   (one Mozilla group; X25519 is then not offered) and one warning is logged.
+3. if any step fails, one warning is logged and the fallback is
+   ``set_ecdh_curve("prime256v1")`` (one Mozilla group; X25519 is then not
+   offered), except on OpenSSL 3.5+, whose defaults lead with post-quantum
+   hybrid groups: there OpenSSL's own list is left as it is rather than
+   downgraded.
+
+`groups_backend()` says which path is active ("native", "ctypes" or
+"fallback"), for tests and for ``securetcp probe``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from collections.abc import Sequence
 
 from securetcp._openssl import LibSSL, libssl, ssl_ctx_pointer
 
-__all__ = ["set_groups"]
+__all__ = ["group_available", "groups_backend", "set_groups"]
 
 log = logging.getLogger("securetcp.tls")
 
@@ -68,21 +74,45 @@ def _offered_groups(context: ssl.SSLContext) -> tuple[int, ...]:
     return _supported_groups(outgoing.read())
 
 
+class _Truncated(ValueError):
+    """The ClientHello ended before a field it announced."""
+
+
+def _field(record: bytes, pos: int, size: int) -> tuple[bytes, int]:
+    end = pos + size
+    if size < 0 or end > len(record):
+        raise _Truncated(f"ClientHello truncated at byte {pos} (wanted {size} more)")
+    return record[pos:end], end
+
+
+def _number(record: bytes, pos: int, size: int) -> tuple[int, int]:
+    raw, pos = _field(record, pos, size)
+    return int.from_bytes(raw, "big"), pos
+
+
 def _supported_groups(record: bytes) -> tuple[int, ...]:
+    """The supported_groups of a ClientHello record; ValueError if it is malformed."""
     # record header (5) + handshake header (4) + version (2) + random (32)
     pos = 5 + 4 + 2 + 32
-    pos += 1 + record[pos]  # session id
-    pos += 2 + int.from_bytes(record[pos : pos + 2], "big")  # cipher suites
-    pos += 1 + record[pos]  # compression methods
-    end = pos + 2 + int.from_bytes(record[pos : pos + 2], "big")
-    pos += 2
-    while pos + 4 <= end:
-        kind = int.from_bytes(record[pos : pos + 2], "big")
-        size = int.from_bytes(record[pos + 2 : pos + 4], "big")
+    size, pos = _number(record, pos, 1)
+    _, pos = _field(record, pos, size)  # session id
+    size, pos = _number(record, pos, 2)
+    _, pos = _field(record, pos, size)  # cipher suites
+    size, pos = _number(record, pos, 1)
+    _, pos = _field(record, pos, size)  # compression methods
+    size, pos = _number(record, pos, 2)
+    extensions, _ = _field(record, pos, size)
+    pos = 0
+    while pos < len(extensions):
+        kind, pos = _number(extensions, pos, 2)
+        size, pos = _number(extensions, pos, 2)
+        body, pos = _field(extensions, pos, size)
         if kind == _EXT_SUPPORTED_GROUPS:
-            body = record[pos + 6 : pos + 4 + size]
-            return tuple(int.from_bytes(body[i : i + 2], "big") for i in range(0, len(body), 2))
-        pos += 4 + size
+            count, _ = _number(body, 0, 2)
+            groups, _ = _field(body, 2, count)
+            if count % 2:
+                raise ValueError("odd length in the supported_groups extension")
+            return tuple(int.from_bytes(groups[i : i + 2], "big") for i in range(0, count, 2))
     return ()
 
 
@@ -114,22 +144,57 @@ def _proven_libssl() -> LibSSL | None:
         if lib is None:
             raise OSError("libssl is not reachable through ctypes")
         _prove(lib)
-    except (OSError, AttributeError, TypeError, ValueError) as exc:
+    except (OSError, AttributeError, TypeError, ValueError, IndexError) as exc:
         log.warning(
-            "cannot restrict TLS key-exchange groups through OpenSSL (%s); "
-            "falling back to the single group %s",
+            "cannot restrict TLS key-exchange groups through OpenSSL (%s); %s",
             exc,
-            _FALLBACK_GROUP,
+            "keeping OpenSSL's default groups (they include post-quantum hybrids)"
+            if _keep_defaults()
+            else f"falling back to the single group {_FALLBACK_GROUP}",
         )
         return None
     return lib
 
 
+def _keep_defaults() -> bool:
+    # OpenSSL 3.5+ offers hybrid post-quantum groups first by default.
+    return ssl.OPENSSL_VERSION_INFO >= (3, 5)
+
+
+def groups_backend() -> str:
+    """How `set_groups` works here: "native" (``SSLContext.set_groups``),
+    "ctypes" (OpenSSL through ctypes, proven first) or "fallback"."""
+    if hasattr(ssl.SSLContext, "set_groups"):
+        return "native"
+    return "ctypes" if _proven_libssl() is not None else "fallback"
+
+
+@functools.cache
+def group_available(name: str) -> bool:
+    """Whether the local OpenSSL can offer the group `name` (e.g. "X25519MLKEM768")."""
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    native = getattr(probe, "set_groups", None)
+    if native is not None:
+        try:
+            native(name)
+        except (ssl.SSLError, ValueError):
+            return False
+        return True
+    lib = _proven_libssl()
+    if lib is not None:
+        return _ctrl_set_groups(lib, probe, name)
+    try:
+        probe.set_ecdh_curve(name)  # classic curves only: hybrids are not curves
+    except (ssl.SSLError, ValueError):
+        return False
+    return True
+
+
 def set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
     """Limit ``context`` to ``groups`` (OpenSSL names), best effort.
 
-    Returns True if the exact list was set, False if the fallback
-    (``set_ecdh_curve("prime256v1")``) was used instead. Raises ValueError if
+    Returns True if the exact list was set, False if the fallback was used
+    instead (see the module's docstring). Raises ValueError if
     OpenSSL rejects a group name.
     """
     group_list = ":".join(groups)
@@ -142,5 +207,6 @@ def set_groups(context: ssl.SSLContext, groups: Sequence[str]) -> bool:
         if not _ctrl_set_groups(lib, context, group_list):
             raise ValueError(f"OpenSSL rejected the group list {group_list!r}")
         return True
-    context.set_ecdh_curve(_FALLBACK_GROUP)
+    if not _keep_defaults():
+        context.set_ecdh_curve(_FALLBACK_GROUP)
     return False

@@ -1,9 +1,8 @@
 """Non-blocking byte streams over sockets, driven by the running asyncio loop.
 
-`IOStream` wraps a connected socket. `SSLIOStream` adds TLS: it drives a
-deferred handshake by readiness events, never blocking the loop, over either
-an `ssl.SSLSocket` or (what `TCPServer` uses) a plain socket that it wraps
-itself with OpenSSL's connection object, without the `ssl.SSLSocket` layer.
+`IOStream` wraps a connected socket. `SSLIOStream` (in
+`securetcp.ssliostream`, importable from here too) adds TLS: a deferred
+handshake driven by readiness events, and OpenSSL's read-ahead.
 
 Design notes (these are the hot paths of every server):
 
@@ -19,11 +18,10 @@ Design notes (these are the hot paths of every server):
 * ``write()`` tries to send at once; only what the kernel does not take is
   queued, and the returned future resolves once the data is handed to it (a
   shared, already-done future when the kernel took everything).
-* TLS reads and writes call OpenSSL's connection object directly. Server
-  connections read ahead (`securetcp._openssl.tune_connection`): one system
-  call pulls in several records. Bytes inside OpenSSL do not make the socket
-  readable, so before waiting for readiness a stream asks OpenSSL whether it
-  holds any (``SSL_has_pending``, or ``pending()`` without read-ahead).
+* A subclass changes how bytes move (`_read_chunk`, `_send`) and may hold
+  input the socket will not signal again (`_input_buffered`: TLS keeps
+  records inside OpenSSL); everything else (buffers, pending reads, write
+  queue, close) lives here once.
 """
 
 from __future__ import annotations
@@ -31,14 +29,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
-import ssl
 import threading
 from collections.abc import Callable
-from typing import Any
-
-from securetcp._openssl import libssl, tune_connection
-from securetcp.certs import PeerIdentity, peer_identity_from_der
-from securetcp.tls import SERVER_NAME_ATTRIBUTE
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "IOStream",
@@ -48,7 +41,15 @@ __all__ = [
     "UnsatisfiableReadError",
 ]
 
-DEFAULT_MAX_BUFFER_SIZE = 100 * 1024 * 1024
+#: Bytes a pending read may gather (e.g. `read_until` looking for its
+#: delimiter) before the stream closes with `StreamBufferFullError`. A few MiB
+#: per connection bounds what a hostile peer can make a server hold; raise it
+#: (``max_buffer_size=``) for reads that legitimately need more.
+DEFAULT_MAX_BUFFER_SIZE = 4 * 1024 * 1024
+#: Bytes already queued behind a blocked write beyond which `write()` raises
+#: `StreamBufferFullError` (a peer that does not read cannot grow the queue
+#: without bound); raise it with ``max_write_buffer_size=``.
+DEFAULT_MAX_WRITE_BUFFER_SIZE = 4 * 1024 * 1024
 DEFAULT_READ_CHUNK_SIZE = 64 * 1024
 # Unconsumed data a stream buffers before it stops reading from the socket
 # (the kernel's receive window then pushes back on the peer).
@@ -56,7 +57,6 @@ _HIGH_WATER = 256 * 1024
 # Small writes queued behind a blocked one are merged up to this size, so a
 # burst of tiny messages becomes one send (and one TLS record), not many.
 _COALESCE_LIMIT = 64 * 1024
-_TLS_RECORD = 16384
 
 
 class StreamClosedError(IOError):
@@ -75,13 +75,11 @@ class UnsatisfiableReadError(Exception):
 
 
 class StreamBufferFullError(Exception):
-    """More data was buffered for a pending read than ``max_buffer_size`` allows."""
+    """A read needed more than ``max_buffer_size`` bytes, or a write found more
+    than ``max_write_buffer_size`` bytes already queued."""
 
 
 _scratch = threading.local()
-
-_libssl = libssl()
-_has_pending: Callable[[int], int] | None = _libssl.has_pending if _libssl is not None else None
 
 
 def _completed_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -136,13 +134,14 @@ class IOStream:
         "_bytes_received",
         "_bytes_sent",
         "_close_callback",
-        "_close_hook",
         "_closed",
         "_done",
         "_eof",
         "_fd",
         "_loop",
         "_max_buffer_size",
+        "_max_write_buffer_size",
+        "_on_close",
         "_rbuf",
         "_read_arg",
         "_read_future",
@@ -150,11 +149,10 @@ class IOStream:
         "_read_limit",
         "_read_partial",
         "_read_scanned",
+        "_read_wants_write",
         "_reading",
         "_scratch",
         "_sock",
-        "_tls",
-        "_tls_ptr",
         "_wfutures",
         "_wqueue",
         "_write_held",
@@ -169,12 +167,21 @@ class IOStream:
         *,
         max_buffer_size: int | None = None,
         read_chunk_size: int | None = None,
+        max_write_buffer_size: int | None = None,
+        on_close: Callable[[IOStream], None] | None = None,
     ) -> None:
+        """Wrap the connected socket `sock` (made non-blocking).
+
+        `on_close(stream)` is called synchronously when the stream closes,
+        before any close callback: it is for the stream's owner (a server
+        keeping count), where `set_close_callback` is for the application.
+        """
         sock.setblocking(False)
         self._sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
         self._max_buffer_size = max_buffer_size or DEFAULT_MAX_BUFFER_SIZE
+        self._max_write_buffer_size = max_write_buffer_size or DEFAULT_MAX_WRITE_BUFFER_SIZE
         self._scratch = _scratch_buffer(read_chunk_size or DEFAULT_READ_CHUNK_SIZE)
         if read_chunk_size:
             self._scratch = self._scratch[:read_chunk_size]
@@ -186,6 +193,7 @@ class IOStream:
         self._read_partial = False
         self._read_scanned = 0  # read_until: where the delimiter search resumes
         self._reading = False
+        self._read_wants_write = False  # a read waits for writability (TLS key update)
         self._eof = False
         # Lists, not deques: an empty deque costs ~600 bytes per idle connection.
         self._wqueue: list[bytes | bytearray | memoryview] = []
@@ -194,17 +202,11 @@ class IOStream:
         self._writing = False
         self._write_held = False  # writes wait (e.g. for the TLS handshake)
         self._done = _completed_future(self._loop)
-        # OpenSSL's connection object once a TLS stream's handshake is done:
-        # reads and writes then go to it directly, past ssl.py's wrappers.
-        self._tls: Any = None
-        # Its SSL* when OpenSSL reads ahead (see _tls_buffered), else 0.
-        self._tls_ptr = 0
         self._bytes_received = 0
         self._bytes_sent = 0
         self._closed = False
         self._close_callback: Callable[[], object] | None = None
-        # Called synchronously with the stream when it closes (for its server).
-        self._close_hook: Callable[[IOStream], None] | None = None
+        self._on_close = on_close
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
 
@@ -230,11 +232,28 @@ class IOStream:
         return self._closed
 
     def set_close_callback(self, callback: Callable[[], object] | None) -> None:
-        """Call `callback()` (soon, from the loop) once the stream closes."""
+        """Call `callback()` (soon, from the loop) once the stream closes.
+
+        The stream then watches the socket even while no read is pending, so
+        a peer that goes away is noticed at once (bytes that arrive meanwhile
+        are kept for the next read, up to the usual buffer limit).
+        """
         self._close_callback = callback
         if self._closed and callback is not None:
             self._close_callback = None
             self._loop.call_soon(callback)
+        elif callback is not None:
+            self._watch_for_close()
+
+    def _watch_for_close(self) -> None:
+        if (
+            not self._reading
+            and not self._closed
+            and not self._eof
+            and self._close_callback is not None
+            and len(self._rbuf) < _HIGH_WATER
+        ):
+            self._add_reader()
 
     def set_nodelay(self, value: bool) -> None:
         """Set TCP_NODELAY (disable Nagle) on a TCP socket; no-op otherwise."""
@@ -303,9 +322,9 @@ class IOStream:
             self._fail_read(self.error)
             return future
         if not self._reading:
-            # A registered reader means OpenSSL's buffer was drained; after a
-            # pause it may hold decrypted bytes that the socket won't signal.
-            if self._tls is not None and self._tls_buffered():
+            # A registered reader means input was drained; after a pause a
+            # subclass may hold bytes that the socket won't signal again.
+            if self._input_buffered():
                 self._handle_read()
             if not self._reading and not self._closed and self._read_future is not None:
                 self._add_reader()
@@ -405,83 +424,62 @@ class IOStream:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
+    def _input_buffered(self) -> bool:
+        """Whether input is held that the socket will not signal (never, here)."""
+        return False
+
     def _handle_read(self) -> None:
         sock = self._sock
-        tls = self._tls
-        tls_ptr = self._tls_ptr
-        has_pending = _has_pending
         scratch = self._scratch
         full = len(scratch)
         while True:
             try:
-                n = tls.read(full, scratch) if tls is not None else sock.recv_into(scratch)
-            except (BlockingIOError, ssl.SSLWantReadError):
+                n = sock.recv_into(scratch)
+            except BlockingIOError:
                 return
-            except ssl.SSLEOFError:
-                # The peer closed without close_notify: a normal end of stream.
-                self._on_eof()
-                return
-            except ssl.SSLWantWriteError:
-                # Rare (TLS renegotiation/key update): retry once writable.
-                self._want_write_for_read()
-                return
-            except (ssl.SSLError, OSError) as e:
+            except OSError as e:
                 self.close(e)
                 return
             if n == 0:
                 self._on_eof()
                 return
-            self._bytes_received += n
-            future = self._read_future
-            if (
-                future is not None
-                and not future.done()
-                and self._read_kind == _READ_BYTES
-                and not self._rbuf
-                and (self._read_partial or n == self._read_arg)
-            ):
-                # Fast path: hand the fresh bytes straight to the reader.
-                wanted: int = self._read_arg
-                self._read_future = None
-                self._read_arg = None
-                if n <= wanted:
-                    future.set_result(bytes(scratch[:n]))
-                else:
-                    future.set_result(bytes(scratch[:wanted]))
-                    self._rbuf += scratch[wanted:n]
+            if not self._take(n) or n < full:
+                # (A short read: the kernel had no more.)
+                return
+
+    def _take(self, n: int) -> bool:
+        """Hand the `n` fresh bytes in the scratch buffer to the pending read,
+        or keep them; False when reading should stop for now."""
+        self._bytes_received += n
+        scratch = self._scratch
+        future = self._read_future
+        if (
+            future is not None
+            and not future.done()
+            and self._read_kind == _READ_BYTES
+            and not self._rbuf
+            and (self._read_partial or n == self._read_arg)
+        ):
+            # Fast path: hand the fresh bytes straight to the reader.
+            wanted: int = self._read_arg
+            self._read_future = None
+            self._read_arg = None
+            if n <= wanted:
+                future.set_result(bytes(scratch[:n]))
             else:
-                self._rbuf += scratch[:n]
-                if future is not None:
-                    self._satisfy_read()
-                    if self._closed:
-                        return
-            if self._read_future is None and len(self._rbuf) >= _HIGH_WATER:
-                # Nobody is consuming: stop reading until someone does.
-                self._remove_reader()
-                return
-            # Keep reading only where more data is likely: a full buffer for
-            # plain sockets, a full record or already-decrypted bytes for TLS.
-            if tls is not None:
-                if tls_ptr and has_pending is not None:
-                    if not has_pending(tls_ptr):
-                        return
-                # Without read-ahead a full record hints that more is queued.
-                elif n < _TLS_RECORD and not tls.pending():
-                    return
-            elif n < full:
-                return
-
-    def _tls_buffered(self) -> bool:
-        """Whether OpenSSL holds bytes the socket will not signal again.
-
-        With read-ahead that includes records not decrypted yet, which only
-        ``SSL_has_pending`` sees; without it, a full record just read is
-        taken as a sign that more may follow.
-        """
-        has_pending = _has_pending
-        if self._tls_ptr and has_pending is not None:
-            return bool(has_pending(self._tls_ptr))
-        return bool(self._tls.pending())
+                future.set_result(bytes(scratch[:wanted]))
+                self._rbuf += scratch[wanted:n]
+        else:
+            self._rbuf += scratch[:n]
+            if future is not None:
+                self._satisfy_read()
+                if self._closed:
+                    return False
+        if self._read_future is None and len(self._rbuf) >= _HIGH_WATER:
+            # Nobody is consuming: stop reading until someone does.
+            self._remove_reader()
+            return False
+        return True
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -493,13 +491,23 @@ class IOStream:
             self.close()
 
     def _want_write_for_read(self) -> None:
-        self._loop.add_writer(self._fd, self._on_writable)
-        self._writing = True
+        self._read_wants_write = True
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._on_writable)
 
     # ---------------------------------------------------------------- writes
 
     def write(self, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
-        """Queue `data` for sending; the future resolves once the kernel has it."""
+        """Queue `data` for sending; the future resolves once the kernel has it.
+
+        Any bytes-like object is taken as its bytes (a memoryview of an
+        ``array("I")`` counts 4 per item). Raises `StreamBufferFullError` when
+        more than ``max_write_buffer_size`` bytes are already queued (the
+        peer is not reading): await writes to respect backpressure.
+        """
+        if type(data) is not bytes and type(data) is not bytearray:
+            data = memoryview(data).cast("B")  # lengths in bytes, not items
         queue = self._wqueue
         if not queue and not self._write_held and not self._closed:
             # The common case: the kernel takes it all at once.
@@ -517,6 +525,11 @@ class IOStream:
             return future
         if not data:
             return self._done
+        if self._wsize > self._max_write_buffer_size:
+            raise StreamBufferFullError(
+                f"{self._wsize} bytes already queued for writing, over "
+                f"max_write_buffer_size ({self._max_write_buffer_size}): the peer is not reading"
+            )
         tail = queue[-1] if len(queue) > 1 else None
         if isinstance(tail, bytearray) and len(tail) + len(data) <= _COALESCE_LIMIT:
             # Never the head: a TLS write must be retried with the same buffer.
@@ -536,17 +549,11 @@ class IOStream:
 
     def _send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes now: the count, or -1 if the stream closed."""
-        tls = self._tls
         try:
-            sent = tls.write(data) if tls is not None else self._sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = self._sock.send(data)
+        except BlockingIOError:
             return 0
-        except ssl.SSLWantReadError:
-            # TLS needs to read first (key update); the reader is registered.
-            if not self._reading:
-                self._add_reader()
-            return 0
-        except (ssl.SSLError, OSError) as e:
+        except OSError as e:
             self.close(e)
             return -1
         self._bytes_sent += sent
@@ -565,8 +572,8 @@ class IOStream:
             if sent == len(head):
                 del queue[0]
             else:
-                # Plain sockets send partially; TLS sends all or nothing and
-                # must be retried with the same buffer, which this keeps.
+                # A partial send; TLS must also be retried with the same
+                # bytes from here, which this keeps.
                 queue[0] = memoryview(head)[sent:]
                 break
         futures = self._wfutures
@@ -580,14 +587,17 @@ class IOStream:
                 future.set_result(None)
         if done:
             del futures[:done]
-        if not queue:
+        if self._read_wants_write:
+            # A read was waiting for writability (rare TLS case): retry it.
+            self._read_wants_write = False
+            self._handle_read()
+            if self._closed:
+                return
+        if not queue and self._writing and not self._read_wants_write:
             self._writing = False
             self._loop.remove_writer(self._fd)
             if self._eof:
                 self.close()
-            elif self._read_future is not None and self._tls is not None:
-                # A read may have been waiting for writability (rare TLS case).
-                self._handle_read()
 
     # ----------------------------------------------------------------- close
 
@@ -618,9 +628,9 @@ class IOStream:
         self._wfutures.clear()
         self._wqueue.clear()
         self._wsize = 0
-        hook = self._close_hook
+        hook = self._on_close
         if hook is not None:
-            self._close_hook = None
+            self._on_close = None
             hook(self)
         callback = self._close_callback
         if callback is not None:
@@ -635,276 +645,15 @@ class IOStream:
         return f"<{type(self).__name__} {state}>"
 
 
-class SSLIOStream(IOStream):
-    """An `IOStream` whose TLS handshake is driven here, without blocking.
+if TYPE_CHECKING:
+    from securetcp.ssliostream import SSLIOStream
 
-    Either pass an `ssl.SSLSocket` made with ``SSLContext.wrap_socket(...,
-    do_handshake_on_connect=False)``, or a connected plain socket and
-    `server_context`: the stream then wraps it as the server side itself,
-    without the `ssl.SSLSocket` layer (what `TCPServer` does; it saves memory
-    and time per connection, and `socket` is then the plain socket). Reads
-    and writes issued before the handshake completes wait for it.
-    """
 
-    __slots__ = (
-        "_handshake_callback",
-        "_handshake_done",
-        "_handshake_future",
-        "_handshake_timer",
-        "_peer_identity",
-        "_peer_identity_parsed",
-        "_tls_conn",
-        "handshake_error",
-        "securetcp_server_name",
-    )
+def __getattr__(name: str) -> Any:
+    # `from securetcp.iostream import SSLIOStream` keeps working; the class
+    # lives in securetcp.ssliostream (imported late: it builds on this module).
+    if name == "SSLIOStream":
+        from securetcp.ssliostream import SSLIOStream
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        *,
-        server_context: ssl.SSLContext | None = None,
-        max_buffer_size: int | None = None,
-        read_chunk_size: int | None = None,
-    ) -> None:
-        super().__init__(sock, max_buffer_size=max_buffer_size, read_chunk_size=read_chunk_size)
-        self._write_held = True  # until the handshake completes
-        #: The SNI name the client sent, recorded by securetcp's sni_callback.
-        self.securetcp_server_name: str | None = None
-        if server_context is not None:
-            if isinstance(sock, ssl.SSLSocket):
-                raise TypeError("server_context needs a plain socket, not an SSLSocket")
-            # With an sni_callback, OpenSSL's object reports this stream to it
-            # (the weak reference costs ~80 bytes, so only then).
-            owner = self if server_context.sni_callback is not None else None
-            self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
-                sock, True, None, owner=owner, session=None
-            )
-        elif isinstance(sock, ssl.SSLSocket):
-            # CPython keeps OpenSSL's connection object in _sslobj; another
-            # implementation's SSLSocket offers the same calls itself.
-            self._tls_conn = getattr(sock, "_sslobj", None) or sock
-        else:
-            raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
-        # One read system call per TLS record or more, instead of two.
-        self._tls_ptr = tune_connection(self._tls_conn) if _has_pending is not None else 0
-        self._handshake_done = False
-        self._handshake_future: asyncio.Future[None] | None = None
-        self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
-        self._peer_identity: PeerIdentity | None = None
-        self._peer_identity_parsed = False
-        #: Why the handshake failed, if it did.
-        self.handshake_error: BaseException | None = None
-
-    @property
-    def context(self) -> ssl.SSLContext:
-        """The SSLContext of the connection (an SNI callback may switch it)."""
-        context: ssl.SSLContext = self._tls_conn.context
-        return context
-
-    @context.setter
-    def context(self, context: ssl.SSLContext) -> None:
-        self._tls_conn.context = context
-
-    # -------------------------------------------------------------- handshake
-
-    def start_handshake(
-        self,
-        callback: Callable[[SSLIOStream, BaseException | None], None] | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        """Begin the handshake now; `callback(stream, error)` runs when it ends.
-
-        On failure or after `timeout` seconds the stream is closed and
-        `error` says why (`TimeoutError` for the deadline).
-        """
-        if self._handshake_callback is not None or self._handshake_done:
-            raise RuntimeError("handshake already started")
-        self._handshake_callback = callback
-        if timeout is not None:
-            self._handshake_timer = self._loop.call_later(timeout, self._on_handshake_timeout)
-        self._step_handshake()
-
-    def wait_for_handshake(self) -> asyncio.Future[None]:
-        """Future resolving once the handshake has completed (starting it if needed)."""
-        if self._handshake_future is None or self._handshake_future.cancelled():
-            # (A future cancelled by an earlier waiter's timeout is replaced.)
-            self._handshake_future = self._loop.create_future()
-            if self._handshake_done:
-                self._handshake_future.set_result(None)
-            elif self._closed:
-                self._handshake_future.set_exception(
-                    StreamClosedError(real_error=self.handshake_error or self.error)
-                )
-            elif self._handshake_callback is None:
-                self.start_handshake()
-        return self._handshake_future
-
-    def _step_handshake(self) -> None:
-        try:
-            self._tls_conn.do_handshake()
-        except ssl.SSLWantReadError:
-            if self._writing:
-                self._writing = False
-                self._loop.remove_writer(self._fd)
-            if not self._reading:
-                self._reading = True
-                self._loop.add_reader(self._fd, self._step_handshake)
-            return
-        except ssl.SSLWantWriteError:
-            if self._reading:
-                self._reading = False
-                self._loop.remove_reader(self._fd)
-            if not self._writing:
-                self._writing = True
-                self._loop.add_writer(self._fd, self._step_handshake)
-            return
-        except (ssl.SSLError, OSError, ValueError) as e:
-            # ValueError: the socket was closed under us.
-            self._finish_handshake(e)
-            return
-        self._finish_handshake(None)
-
-    def _on_handshake_timeout(self) -> None:
-        self._handshake_timer = None
-        if not self._handshake_done and not self._closed:
-            self._finish_handshake(TimeoutError("TLS handshake timed out"))
-
-    def _finish_handshake(self, error: BaseException | None) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        loop = self._loop
-        if self._writing:
-            self._writing = False
-            loop.remove_writer(self._fd)
-        if error is None:
-            self._handshake_done = True
-            self._write_held = False
-            self._tls = self._tls_conn  # application data may flow now
-            if self._tls_ptr and self._tls_buffered():
-                # Read ahead with the handshake's last records: the socket
-                # won't signal these bytes, so take them in now.
-                self._handle_read()
-        else:
-            self.handshake_error = error
-            self.close(error)
-        callback = self._handshake_callback
-        self._handshake_callback = None
-        if callback is not None:
-            callback(self, error)
-        future = self._handshake_future
-        if future is not None and not future.done():
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(StreamClosedError(real_error=error))
-        if error is None and not self._closed:
-            if self._reading:
-                # Keep the registration, swap the callback: re-registering
-                # for the first read would cost two epoll_ctl calls.
-                loop.add_reader(self._fd, self._handle_read)
-            # Resume I/O that was requested while the handshake ran.
-            if self._wqueue and not self._writing:
-                self._writing = True
-                loop.add_writer(self._fd, self._on_writable)
-            if self._read_future is not None:
-                if self._rbuf and self._satisfy_read():
-                    return
-                if self._tls_buffered():
-                    self._handle_read()
-                if not self._reading and not self._closed and self._read_future is not None:
-                    self._add_reader()
-
-    # While the handshake runs, reads wait for it (writes are held).
-
-    def _add_reader(self) -> None:
-        if self._handshake_done:
-            super()._add_reader()
-
-    def _close_socket(self, graceful: bool) -> None:
-        if graceful and self._handshake_done and not self._eof:
-            # Send close_notify so the peer sees a clean end of stream; the
-            # peer's reply is not awaited.
-            try:
-                self._tls_conn.shutdown()
-            except (ssl.SSLError, OSError, ValueError):
-                pass
-        self._sock.close()
-
-    def close(self, exc_info: BaseException | None = None) -> None:
-        """Close the stream (see `IOStream.close`); a running handshake fails."""
-        if self._closed:
-            return
-        if not self._handshake_done and self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        super().close(exc_info)
-        if not self._handshake_done:
-            self.handshake_error = self.handshake_error or exc_info or StreamClosedError()
-            future = self._handshake_future
-            if future is not None and not future.done():
-                future.set_exception(StreamClosedError(real_error=self.handshake_error))
-
-    # ------------------------------------------------------------- TLS facts
-
-    @property
-    def handshake_done(self) -> bool:
-        """Whether the TLS handshake has completed."""
-        return self._handshake_done
-
-    @property
-    def peer_certificate(self) -> dict[str, Any] | None:
-        """The peer's certificate as `SSLSocket.getpeercert()` gives it, or None."""
-        try:
-            cert = self._tls_conn.getpeercert()
-        except (ValueError, OSError):
-            return None
-        return dict(cert) if cert else None
-
-    @property
-    def peer_identity(self) -> PeerIdentity | None:
-        """Who the peer is, from its certificate (parsed once), or None without one."""
-        if not self._peer_identity_parsed:
-            self._peer_identity_parsed = True
-            try:
-                der = self._tls_conn.getpeercert(True)
-            except (ValueError, OSError):
-                der = None
-            if der:
-                self._peer_identity = peer_identity_from_der(der)
-        return self._peer_identity
-
-    @property
-    def server_name(self) -> str | None:
-        """The SNI host name the client sent, or None."""
-        # Recorded by securetcp's sni_callback on whichever object OpenSSL
-        # reports the connection as: this stream, or the SSLSocket given.
-        name = self.securetcp_server_name or getattr(self._sock, SERVER_NAME_ATTRIBUTE, None)
-        return name if isinstance(name, str) else None
-
-    def selected_alpn_protocol(self) -> str | None:
-        """The ALPN protocol agreed with the client, or None."""
-        try:
-            protocol: str | None = self._tls_conn.selected_alpn_protocol()
-        except (ValueError, OSError):
-            return None
-        return protocol
-
-    @property
-    def tls_version(self) -> str | None:
-        """The negotiated protocol version, as `SSLSocket.version()`."""
-        try:
-            version: str | None = self._tls_conn.version()
-        except (ValueError, OSError):
-            return None
-        return version
-
-    @property
-    def cipher(self) -> tuple[str, str, int] | None:
-        """The negotiated cipher, as `SSLSocket.cipher()`."""
-        try:
-            cipher: tuple[str, str, int] | None = self._tls_conn.cipher()
-        except (ValueError, OSError):
-            return None
-        return cipher
+        return SSLIOStream
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,12 +36,13 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from securetcp.iostream import IOStream, SSLIOStream
+from securetcp.iostream import IOStream
 from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
-from securetcp.tls import ServerTLS, make_server_tls
+from securetcp.ssliostream import SSLIOStream
+from securetcp.tls import ServerTLS, classify_handshake_error, make_server_tls
 
-__all__ = ["ServerStats", "TCPServer"]
+__all__ = ["ServerStats", "TCPServer", "classify_handshake_error"]
 
 log = logging.getLogger("securetcp.tcpserver")
 
@@ -69,48 +70,6 @@ class ServerStats:
     "certificate", "peer_alert", "sni", "unauthorized"."""
     handler_errors: int = 0
     """Exceptions raised by `handle_stream`."""
-
-
-# OpenSSL reason codes that say what went wrong in a failed handshake.
-_PLAINTEXT_REASONS = frozenset(
-    {"HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"}
-)
-_CERTIFICATE_REASONS = frozenset(
-    {
-        "PEER_DID_NOT_RETURN_A_CERTIFICATE",
-        "CERTIFICATE_VERIFY_FAILED",
-        "NO_CERTIFICATE_RETURNED",
-        "CERTIFICATE_REQUIRED",
-    }
-)
-_EOF_REASONS = frozenset({"UNEXPECTED_EOF_WHILE_READING", "EOF_OCCURRED_IN_VIOLATION_OF_PROTOCOL"})
-
-
-def classify_handshake_error(error: BaseException) -> str:
-    """Name the reason a TLS handshake failed, for `ServerStats.failures`."""
-    if isinstance(error, TimeoutError):
-        return "timeout"
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return "certificate"
-    if isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
-        return "eof"
-    if isinstance(error, ssl.SSLError):
-        reason = getattr(error, "reason", None) or ""  # None or unset when built by hand
-        if reason in _PLAINTEXT_REASONS:
-            return "plaintext"
-        if reason in _CERTIFICATE_REASONS:
-            return "certificate"
-        if reason in _EOF_REASONS:
-            return "eof"
-        if reason == "CALLBACK_FAILED" or "UNRECOGNIZED_NAME" in reason:
-            # Our only callback that fails a handshake is strict SNI's refusal.
-            return "sni"
-        if reason.startswith(("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_")):
-            return "peer_alert"
-        return "protocol"
-    if isinstance(error, OSError):
-        return "eof"
-    return "protocol"
 
 
 # Linux copies TCP_NODELAY from a listening socket to the sockets it accepts;
@@ -422,7 +381,10 @@ class TCPServer:
         try:
             if tls is None:
                 stream = IOStream(
-                    conn, max_buffer_size=self.max_buffer_size, read_chunk_size=self.read_chunk_size
+                    conn,
+                    max_buffer_size=self.max_buffer_size,
+                    read_chunk_size=self.read_chunk_size,
+                    on_close=self._on_stream_closed,
                 )
             else:
                 # Wrapped by the stream itself: no ssl.SSLSocket layer.
@@ -431,6 +393,7 @@ class TCPServer:
                     server_context=tls.context,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    on_close=self._on_stream_closed,
                 )
         except (OSError, ValueError, ssl.SSLError) as e:
             # Reset before we could wrap it: count it like a handshake EOF.
@@ -438,7 +401,6 @@ class TCPServer:
             self._count_failure("eof", address, e)
             return
         self._streams.add(stream)
-        stream._close_hook = self._on_stream_closed
         if self.max_connections is not None and len(self._streams) >= self.max_connections:
             # Further clients wait in the kernel's backlog until a slot frees.
             self._pause_accepting()

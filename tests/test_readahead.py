@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from servers import MemoryTLSClient, server_context, socket_pair
 
-from securetcp import _openssl, iostream
+from securetcp import _openssl, ssliostream
 from securetcp.iostream import SSLIOStream
 
 needs_libssl = pytest.mark.skipif(_openssl.libssl() is None, reason="libssl not reachable")
@@ -29,7 +29,7 @@ needs_libssl = pytest.mark.skipif(_openssl.libssl() is None, reason="libssl not 
 def read_ahead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with read-ahead on, and again with the stream's fallback."""
     if request.param == "fallback":
-        monkeypatch.setattr(iostream, "tune_connection", lambda tls: 0)
+        monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
         return False
     if _openssl.libssl() is None:
         pytest.skip("libssl not reachable through ctypes")

@@ -420,7 +420,7 @@ def test_broken_file_keeps_old_certificate(
     with caplog.at_level(logging.INFO, logger="securetcp.tls"):
         assert config.reload() is False
         for _ in range(5):  # what the periodic poll does while the file stays broken
-            assert config._check(manual=False) is False
+            assert config.poll() is False
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1
     assert "TLSConfig certfile" in errors[0].getMessage()
@@ -432,8 +432,8 @@ def test_broken_file_keeps_old_certificate(
     new_cert, _ = pki.pair("mismatch")
     os.replace(new_cert, pair[0])
     caplog.clear()
-    assert config._check(manual=False) is False
-    assert config._check(manual=False) is False
+    assert config.poll() is False
+    assert config.poll() is False
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
     assert "does not match" in caplog.records[-1].getMessage()
     assert config.context is serving
@@ -485,11 +485,11 @@ async def test_polling_picks_up_renewal(pki: PKI, pair: Pair) -> None:
         logger.removeHandler(reloaded)
         logger.removeHandler(failed)
         logger.setLevel(old_level)
-    assert config._reload_handle is None
+    assert not config.reloading
 
 
 async def test_no_polling_without_interval(pair: Pair) -> None:
     config = TLSConfig(*pair)
     config.start_reloading()
-    assert config._reload_handle is None
+    assert not config.reloading
     config.stop_reloading()

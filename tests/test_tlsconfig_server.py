@@ -546,7 +546,7 @@ async def test_reload_polling(
                 assert loop.time() < deadline, "the fixed certificate was never served"
         finally:
             kept.close()
-    assert config._reload_handle is None  # close() stopped the polling
+    assert not config.reloading  # close() stopped the polling
 
 
 async def test_reload_by_hand(ca: CertBuilder, server_cert: Issued, no_fd_leak: None) -> None:

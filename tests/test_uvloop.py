@@ -35,7 +35,7 @@ from servers import (
     wait_for_text,
 )
 
-from securetcp import _openssl, iostream
+from securetcp import _openssl, ssliostream
 from securetcp.iostream import IOStream
 from securetcp.tcpserver import TCPServer, _run_in_new_loop
 
@@ -162,7 +162,7 @@ def test_burst_of_records_in_one_segment(
     if read_ahead and _openssl.libssl() is None:
         pytest.skip("libssl not reachable through ctypes")
     if not read_ahead:
-        monkeypatch.setattr(iostream, "tune_connection", lambda tls: 0)
+        monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
     chunks = [bytes([97 + i % 26]) * 50 for i in range(300)]
 
     async def test() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.iostream import IOStream, StreamClosedError
+from securetcp.ssliostream import SSLIOStream
 from securetcp.tcpserver import TCPServer
 
 __all__ = ["EchoServer"]

@@ -1,0 +1,432 @@
+"""`SSLIOStream`: an `IOStream` over TLS, with a deferred, non-blocking handshake.
+
+The stream works over an ``ssl.SSLSocket`` (client side, or a server socket
+wrapped by the caller), or over a plain socket and a server context, which
+it wraps itself with OpenSSL's connection object, without the
+``ssl.SSLSocket`` layer (what `TCPServer` does: less memory and time per
+connection). Reads and writes call OpenSSL's connection object directly.
+
+All TLS state lives here, including OpenSSL's read-ahead: once the handshake
+is done, server connections read ahead into a 66 KiB buffer
+(`securetcp._openssl`), so one system call pulls in several records. Bytes
+inside OpenSSL do not make the socket readable, so before waiting for
+readiness the stream asks OpenSSL whether it holds any: `_input_buffered`
+is the one place that rule lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from securetcp._openssl import enable_read_ahead, libssl, release_buffers_when_idle
+from securetcp.certs import PeerIdentity, peer_identity_from_der
+from securetcp.iostream import IOStream, StreamClosedError
+from securetcp.tls.sni import SERVER_NAME_ATTRIBUTE, is_securetcp_callback, recorded_server_name
+
+__all__ = ["SSLIOStream"]
+
+_libssl = libssl()
+_has_pending: Callable[[int], int] | None = _libssl.has_pending if _libssl is not None else None
+
+_TLS_RECORD = 16384
+#: Largest piece handed to one SSL_write: OpenSSL reports a write only once
+#: all of it went out, so pieces of four records keep `bytes_sent` (and write
+#: futures, and idle detection) moving during a long transfer at no cost to
+#: bulk speed.
+_TLS_WRITE_CHUNK = 4 * _TLS_RECORD
+
+
+class SSLIOStream(IOStream):
+    """An `IOStream` whose TLS handshake is driven here, without blocking.
+
+    Either pass an `ssl.SSLSocket` made with ``SSLContext.wrap_socket(...,
+    do_handshake_on_connect=False)``, or a connected plain socket and
+    `server_context`: the stream then wraps it as the server side itself,
+    without the `ssl.SSLSocket` layer (and `socket` is then the plain
+    socket). Reads and writes issued before the handshake completes wait
+    for it.
+    """
+
+    __slots__ = (
+        "_handshake_callback",
+        "_handshake_done",
+        "_handshake_future",
+        "_handshake_timer",
+        "_peer_identity",
+        "_peer_identity_parsed",
+        "_tls",
+        "_tls_conn",
+        "_tls_ptr",
+        "handshake_error",
+        SERVER_NAME_ATTRIBUTE,
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        server_context: ssl.SSLContext | None = None,
+        max_buffer_size: int | None = None,
+        read_chunk_size: int | None = None,
+        max_write_buffer_size: int | None = None,
+        on_close: Callable[[IOStream], None] | None = None,
+    ) -> None:
+        super().__init__(
+            sock,
+            max_buffer_size=max_buffer_size,
+            read_chunk_size=read_chunk_size,
+            max_write_buffer_size=max_write_buffer_size,
+            on_close=on_close,
+        )
+        self._write_held = True  # until the handshake completes
+        setattr(self, SERVER_NAME_ATTRIBUTE, None)
+        if server_context is not None:
+            if isinstance(sock, ssl.SSLSocket):
+                raise TypeError("server_context needs a plain socket, not an SSLSocket")
+            # securetcp's own SNI callbacks are shown this stream (to record
+            # the name on it); any other callback gets OpenSSL's connection
+            # object, as the stdlib promises. (The weak reference behind the
+            # owner costs ~80 bytes, so only then.)
+            owner = self if is_securetcp_callback(server_context.sni_callback) else None
+            self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
+                sock, True, None, owner=owner, session=None
+            )
+        elif isinstance(sock, ssl.SSLSocket):
+            # CPython keeps OpenSSL's connection object in _sslobj; another
+            # implementation's SSLSocket offers the same calls itself.
+            self._tls_conn = getattr(sock, "_sslobj", None) or sock
+        else:
+            raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
+        # Read-ahead waits for the end of the handshake (a ClientHello gets
+        # OpenSSL's default buffer); buffers are released whenever they empty.
+        self._tls_ptr = release_buffers_when_idle(self._tls_conn)
+        # OpenSSL's connection object once the handshake is done: reads and
+        # writes then go to it directly, past ssl.py's wrappers.
+        self._tls: Any = None
+        self._handshake_done = False
+        self._handshake_future: asyncio.Future[None] | None = None
+        self._handshake_callback: Callable[[SSLIOStream, BaseException | None], None] | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._peer_identity: PeerIdentity | None = None
+        self._peer_identity_parsed = False
+        #: Why the handshake failed, if it did.
+        self.handshake_error: BaseException | None = None
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The SSLContext of the connection (an SNI callback may switch it)."""
+        context: ssl.SSLContext = self._tls_conn.context
+        return context
+
+    @context.setter
+    def context(self, context: ssl.SSLContext) -> None:
+        self._tls_conn.context = context
+
+    # -------------------------------------------------------------- handshake
+
+    def start_handshake(
+        self,
+        callback: Callable[[SSLIOStream, BaseException | None], None] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Begin the handshake now; `callback(stream, error)` runs when it ends.
+
+        On failure or after `timeout` seconds the stream is closed and
+        `error` says why (`TimeoutError` for the deadline).
+        """
+        if self._handshake_callback is not None or self._handshake_done:
+            raise RuntimeError("handshake already started")
+        self._handshake_callback = callback
+        if timeout is not None:
+            self._handshake_timer = self._loop.call_later(timeout, self._on_handshake_timeout)
+        self._step_handshake()
+
+    def wait_for_handshake(self) -> asyncio.Future[None]:
+        """Future resolving once the handshake has completed (starting it if needed)."""
+        if self._handshake_future is None or self._handshake_future.cancelled():
+            # (A future cancelled by an earlier waiter's timeout is replaced.)
+            self._handshake_future = self._loop.create_future()
+            if self._handshake_done:
+                self._handshake_future.set_result(None)
+            elif self._closed:
+                self._handshake_future.set_exception(
+                    StreamClosedError(real_error=self.handshake_error or self.error)
+                )
+            elif self._handshake_callback is None:
+                self.start_handshake()
+        return self._handshake_future
+
+    def _step_handshake(self) -> None:
+        try:
+            self._tls_conn.do_handshake()
+        except ssl.SSLWantReadError:
+            if self._writing:
+                self._writing = False
+                self._loop.remove_writer(self._fd)
+            if not self._reading:
+                self._reading = True
+                self._loop.add_reader(self._fd, self._step_handshake)
+            return
+        except ssl.SSLWantWriteError:
+            if self._reading:
+                self._reading = False
+                self._loop.remove_reader(self._fd)
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self._fd, self._step_handshake)
+            return
+        except (ssl.SSLError, OSError, ValueError) as e:
+            # ValueError: the socket was closed under us.
+            self._finish_handshake(e)
+            return
+        self._finish_handshake(None)
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if not self._handshake_done and not self._closed:
+            self._finish_handshake(TimeoutError("TLS handshake timed out"))
+
+    def _finish_handshake(self, error: BaseException | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        loop = self._loop
+        if self._writing:
+            self._writing = False
+            loop.remove_writer(self._fd)
+        if error is None:
+            self._handshake_done = True
+            self._write_held = False
+            self._tls = self._tls_conn  # application data may flow now
+            if self._tls_ptr:
+                enable_read_ahead(self._tls_ptr)
+        else:
+            self.handshake_error = error
+            self.close(error)
+        callback = self._handshake_callback
+        self._handshake_callback = None
+        if callback is not None:
+            callback(self, error)
+        future = self._handshake_future
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(StreamClosedError(real_error=error))
+        if error is None and not self._closed:
+            if self._reading:
+                # Keep the registration, swap the callback: re-registering
+                # for the first read would cost two epoll_ctl calls.
+                loop.add_reader(self._fd, self._handle_read)
+            # Resume I/O that was requested while the handshake ran.
+            if self._wqueue and not self._writing:
+                self._writing = True
+                loop.add_writer(self._fd, self._on_writable)
+            if self._rbuf and self._read_future is not None and self._satisfy_read():
+                return
+            if self._input_buffered():
+                # The handshake's last records may have carried data.
+                self._handle_read()
+            if not self._reading and not self._closed:
+                if self._read_future is not None:
+                    self._add_reader()
+                else:
+                    self._watch_for_close()
+
+    # While the handshake runs, reads wait for it (writes are held).
+
+    def _add_reader(self) -> None:
+        if self._handshake_done:
+            super()._add_reader()
+
+    # ------------------------------------------------------------- reading
+
+    def _input_buffered(self) -> bool:
+        """Whether OpenSSL holds bytes the socket will not signal again.
+
+        With read-ahead that includes records not decrypted yet, which only
+        ``SSL_has_pending`` sees; without it, ``pending()`` (decrypted bytes).
+        """
+        tls = self._tls
+        if tls is None:
+            return False
+        if self._tls_ptr and _has_pending is not None:
+            return bool(_has_pending(self._tls_ptr))
+        return bool(tls.pending())
+
+    def _handle_read(self) -> None:
+        tls = self._tls
+        if tls is None:
+            return
+        scratch = self._scratch
+        full = len(scratch)
+        read_ahead = self._tls_ptr and _has_pending is not None
+        while True:
+            try:
+                n = tls.read(full, scratch)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLEOFError:
+                # The peer closed without close_notify: a normal end of stream.
+                self._on_eof()
+                return
+            except ssl.SSLWantWriteError:
+                # Rare (TLS renegotiation/key update): retry once writable.
+                self._want_write_for_read()
+                return
+            except (ssl.SSLError, OSError) as e:
+                self.close(e)
+                return
+            if n == 0:
+                self._on_eof()
+                return
+            if not self._take(n):
+                return
+            # Keep reading only where more data is likely: bytes inside
+            # OpenSSL, or (without read-ahead) a full record just read.
+            if read_ahead:
+                if not self._input_buffered():
+                    return
+            elif n < _TLS_RECORD and not tls.pending():
+                return
+
+    # ------------------------------------------------------------- writing
+
+    def _send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the socket takes now, in pieces of `_TLS_WRITE_CHUNK`.
+
+        A piece OpenSSL could not finish is retried later with the same bytes
+        (the queue keeps them at its head), as SSL_write requires.
+        """
+        tls = self._tls
+        size = len(data)
+        if size <= _TLS_WRITE_CHUNK:
+            try:
+                sent: int = tls.write(data)
+            except ssl.SSLWantWriteError:
+                return 0
+            except ssl.SSLWantReadError:
+                self._want_read_for_write()
+                return 0
+            except (ssl.SSLError, OSError) as e:
+                self.close(e)
+                return -1
+            self._bytes_sent += sent
+            return sent
+        view = memoryview(data)
+        total = 0
+        while total < size:
+            try:
+                sent = tls.write(view[total : total + _TLS_WRITE_CHUNK])
+            except ssl.SSLWantWriteError:
+                break
+            except ssl.SSLWantReadError:
+                self._want_read_for_write()
+                break
+            except (ssl.SSLError, OSError) as e:
+                self.close(e)
+                return -1
+            total += sent
+            self._bytes_sent += sent
+        return total
+
+    def _want_read_for_write(self) -> None:
+        # TLS must read before it can write (a key update); the reader, once
+        # registered, reads and the writer's next turn retries.
+        if not self._reading:
+            super()._add_reader()
+
+    # --------------------------------------------------------------- close
+
+    def _close_socket(self, graceful: bool) -> None:
+        if graceful and self._handshake_done and not self._eof:
+            # Send close_notify so the peer sees a clean end of stream; the
+            # peer's reply is not awaited.
+            try:
+                self._tls_conn.shutdown()
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+        self._sock.close()
+
+    def close(self, exc_info: BaseException | None = None) -> None:
+        """Close the stream (see `IOStream.close`); a running handshake fails."""
+        if self._closed:
+            return
+        if not self._handshake_done and self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        super().close(exc_info)
+        if not self._handshake_done:
+            self.handshake_error = self.handshake_error or exc_info or StreamClosedError()
+            future = self._handshake_future
+            if future is not None and not future.done():
+                future.set_exception(StreamClosedError(real_error=self.handshake_error))
+
+    # ------------------------------------------------------------- TLS facts
+
+    @property
+    def handshake_done(self) -> bool:
+        """Whether the TLS handshake has completed."""
+        return self._handshake_done
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's certificate as `SSLSocket.getpeercert()` gives it, or None."""
+        try:
+            cert = self._tls_conn.getpeercert()
+        except (ValueError, OSError):
+            return None
+        return dict(cert) if cert else None
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """Who the peer is, from its certificate (parsed once), or None without one.
+
+        Raises ValueError if the certificate, though accepted by OpenSSL,
+        cannot be parsed (cryptography is stricter); `TCPServer` closes and
+        counts such connections before `handle_stream`.
+        """
+        if not self._peer_identity_parsed:
+            try:
+                der = self._tls_conn.getpeercert(True)
+            except (ValueError, OSError):
+                der = None
+            if der:
+                self._peer_identity = peer_identity_from_der(der)
+            self._peer_identity_parsed = True
+        return self._peer_identity
+
+    @property
+    def server_name(self) -> str | None:
+        """The SNI host name the client sent (recorded by securetcp's sni_callback), or None."""
+        return recorded_server_name(self) or recorded_server_name(self._sock)
+
+    def selected_alpn_protocol(self) -> str | None:
+        """The ALPN protocol agreed with the peer, or None."""
+        try:
+            protocol: str | None = self._tls_conn.selected_alpn_protocol()
+        except (ValueError, OSError):
+            return None
+        return protocol
+
+    @property
+    def tls_version(self) -> str | None:
+        """The negotiated protocol version, as `SSLSocket.version()`."""
+        try:
+            version: str | None = self._tls_conn.version()
+        except (ValueError, OSError):
+            return None
+        return version
+
+    @property
+    def cipher(self) -> tuple[str, str, int] | None:
+        """The negotiated cipher, as `SSLSocket.cipher()`."""
+        try:
+            cipher: tuple[str, str, int] | None = self._tls_conn.cipher()
+        except (ValueError, OSError):
+            return None
+        return cipher
