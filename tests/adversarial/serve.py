@@ -50,7 +50,8 @@ class Echo(Announcing, EchoServer):
 
 
 class FirehoseServer(Announcing):
-    """Writes to every client without reading, as fast as the stream lets it.
+    """Echoes, except to a client whose first bytes are b"drink": to it, it
+    writes as fast as the stream lets it and never reads again.
 
     With ``await_writes`` it waits for each write (backpressure); without, it
     queues writes and only yields to the loop, as a careless handler would:
@@ -63,20 +64,33 @@ class FirehoseServer(Announcing):
         self.limit = limit
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
-        written = 0
         try:
-            while written < self.limit and not stream.closed():
-                future = stream.write(CHUNK)
-                written += len(CHUNK)
-                if self.await_writes:
-                    await future
-                else:
-                    future.add_done_callback(_ignore)
-                    await asyncio.sleep(0)
+            first = await stream.read_bytes(5)
+            if first == b"drink":
+                await self.firehose(stream)
+            else:
+                await stream.write(first)
+                while True:
+                    await stream.write(await stream.read_bytes(65536, partial=True))
         except StreamClosedError:
             pass
         finally:
             stream.close()
+
+    async def firehose(self, stream: IOStream) -> None:
+        written = 0
+        future: asyncio.Future[None] | None = None
+        while written < self.limit and not stream.closed():
+            # A fresh buffer each time, as real data would be.
+            future = stream.write(bytearray(CHUNK))
+            written += len(CHUNK)
+            if self.await_writes:
+                await future
+            else:
+                future.add_done_callback(_ignore)
+                await asyncio.sleep(0)
+        if future is not None:
+            await future
 
 
 def _ignore(future: asyncio.Future[Any]) -> None:
