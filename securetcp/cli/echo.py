@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import socket
 from pathlib import Path
 from typing import Any
 
-from securetcp.cli._common import CommandError
 from securetcp.cli._serve import (
     add_server_options,
     add_tls_options,
+    describe_sockets,
+    serve,
     server_keywords_from_args,
     tls_config_from_args,
 )
@@ -20,45 +21,48 @@ __all__ = ["register"]
 EXAMPLES = """\
 examples:
   securetcp certs init && securetcp echo        # on certs/ from `certs init`, port 8443
-  securetcp echo --port 9443 --client-auth required
+  securetcp echo --port 9443 --client-auth required --allow-cn securetcp-dev-client
+  securetcp echo --processes 0 --reuse-port --metrics-port 9100
+  securetcp echo --unix /tmp/echo.sock --idle-timeout 60
   openssl s_client -connect 127.0.0.1:8443 -CAfile certs/ca.pem -quiet
+  securetcp probe 127.0.0.1:8443 --servername localhost --ca certs/ca.pem
 """
+
+
+def _announcer(args: argparse.Namespace) -> Any:
+    certs = Path(args.certs)
+    ca = certs / "ca.pem"
+
+    def announce(sockets: list[socket.socket]) -> None:
+        where = describe_sockets(sockets)
+        print(f"TLS echo server on {', '.join(where)} (Ctrl-C to stop). Try:")
+        tcp = [s for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
+        if not tcp:
+            return
+        host, port = tcp[0].getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"  openssl s_client -connect {host}:{port} -CAfile {ca} -quiet")
+        print(
+            '  python3 -c "import socket, ssl; '
+            f"c = ssl.create_default_context(cafile='{ca}'); "
+            f"s = c.wrap_socket(socket.create_connection(('{host.strip('[]')}', {port})), "
+            "server_hostname='localhost'); "
+            "s.sendall(b'hello\\n'); print(s.recv(100))\""
+        )
+        if args.client_auth != "none":
+            print(
+                f"  openssl s_client -connect {host}:{port} -CAfile {ca} "
+                f"-cert {certs / 'client.pem'} -key {certs / 'client.key'} -quiet"
+            )
+
+    return announce
 
 
 def _run(args: argparse.Namespace) -> int:
     from securetcp.services.echo import EchoServer
 
     server = EchoServer(ssl_options=tls_config_from_args(args), **server_keywords_from_args(args))
-    try:
-        server.listen(args.port, args.address)
-    except OSError as e:
-        raise CommandError(f"cannot listen on {args.address}:{args.port}: {e.strerror or e}") from e
-    port = server.sockets[0].getsockname()[1]
-    host = args.address or "127.0.0.1"
-    certs = Path(args.certs)
-    ca = certs / "ca.pem"
-    print(f"TLS echo server on {host}:{port} (Ctrl-C to stop). Try:")
-    print(f"  openssl s_client -connect {host}:{port} -CAfile {ca} -quiet")
-    print(
-        '  python3 -c "import socket, ssl; '
-        f"c = ssl.create_default_context(cafile='{ca}'); "
-        f"s = c.wrap_socket(socket.create_connection(('{host}', {port})), "
-        "server_hostname='localhost'); "
-        "s.sendall(b'hello\\n'); print(s.recv(100))\""
-    )
-    if args.client_auth != "none":
-        print(
-            f"  openssl s_client -connect {host}:{port} -CAfile {ca} "
-            f"-cert {certs / 'client.pem'} -key {certs / 'client.key'} -quiet"
-        )
-    sys.stdout.flush()
-    if args.loop == "uvloop":
-        import importlib.util
-
-        if importlib.util.find_spec("uvloop") is None:
-            raise CommandError("--loop uvloop needs uvloop: pip install 'securetcp[uvloop]'")
-    server.run(loop=args.loop)
-    return 0
+    return serve(server, args, args.port, args.address, _announcer(args))
 
 
 def register(commands: Any) -> None:
