@@ -421,11 +421,16 @@ def chain_order_problems(chain: Sequence[x509.Certificate]) -> list[str]:
         if is_issued_by(cert, following):
             continue
         issuers = [j + 1 for j, other in enumerate(chain) if j != i and is_issued_by(cert, other)]
-        where = (
-            f"its issuer is certificate {issuers[0]}: the chain is out of order"
-            if issuers
-            else "the next certificate did not issue it"
-        )
+        issued = [j + 1 for j, other in enumerate(chain) if j != i and is_issued_by(other, cert)]
+        if issuers:
+            where = f"its issuer is certificate {issuers[0]}: the chain is out of order"
+        elif issued:
+            where = (
+                f"it issued certificate {issued[0]}, which must come before it: "
+                "the chain is out of order (leaf first, then each issuer)"
+            )
+        else:
+            where = "the next certificate did not issue it"
         problems.append(
             f"certificate {i + 1} ({certificate_label(cert)}) is followed by "
             f"certificate {i + 2} ({certificate_label(following)}), but {where}"
