@@ -36,7 +36,8 @@ ensure_optional() {
     return 1
   fi
   echo "Installing $requirement into $venv"
-  if "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$requirement" \
+  if "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --prefer-binary \
+      "$requirement" \
       >"$marker.log" 2>&1; then
     rm -f "$marker" "$marker.log"
     return 0
