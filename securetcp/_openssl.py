@@ -124,24 +124,7 @@ def _libc_write() -> Callable[..., int] | None:
         return None
     write.restype = ctypes.c_ssize_t
     write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-    return write  # type: ignore[no-any-return]
-
-
-def readable(self, address: int, size: int) -> bool:
-        if address <= 0 or address % _POINTER:
-            return False
-        written = self._write(self._write_fd, address, size)
-        if written > 0:
-            os.read(self._read_fd, written)  # drain: the pipe stays empty
-        return bool(written == size)
-
-
-@functools.lru_cache(maxsize=1)
-def _memory_probe() -> _MemoryProbe | None:
-    try:
-        return _MemoryProbe()
-    except (OSError, AttributeError, TypeError):
-        return None
+    return write
 
 
 def readable(address: int, size: int = _PROBE_SIZE) -> bool:

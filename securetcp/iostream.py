@@ -33,6 +33,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from securetcp.proxyproto import ProxyHeader
+
 __all__ = [
     "IOStream",
     "SSLIOStream",
@@ -159,6 +162,7 @@ class IOStream:
         "_writing",
         "_wsize",
         "error",
+        "proxy_header",
     )
 
     def __init__(
@@ -209,6 +213,9 @@ class IOStream:
         self._on_close = on_close
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
+        #: The PROXY protocol header the connection started with
+        #: (`securetcp.proxyproto.ProxyHeader`), or None without PROXY protocol.
+        self.proxy_header: ProxyHeader | None = None
 
     # ------------------------------------------------------------------ info
 

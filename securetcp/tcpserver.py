@@ -36,7 +36,8 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from securetcp.iostream import IOStream
+from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
+from securetcp.iostream import IOStream, StreamBufferFullError
 from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
 from securetcp.ssliostream import SSLIOStream
@@ -60,14 +61,17 @@ class ServerStats:
     handshakes: int
     """TLS handshakes completed."""
     rejected: int
-    """Connections refused after accepting: not authorized, or over a limit."""
+    """Connections refused or dropped for a rule or a limit: not authorized, an
+    untrusted PROXY protocol source, a read or write buffer limit, idle_timeout."""
     bytes_received: int
     """Application bytes read from clients (after decryption)."""
     bytes_sent: int
     """Application bytes written to clients (before encryption)."""
     failures: dict[str, int]
-    """Handshake failures by reason: "timeout", "eof", "plaintext", "protocol",
-    "certificate", "peer_alert", "sni", "unauthorized"."""
+    """Connections that never reached `handle_stream`, by reason: "timeout",
+    "eof", "plaintext", "protocol", "certificate", "peer_alert", "sni",
+    "unauthorized", "untrusted_proxy", "proxy_protocol" (and "upstream" for
+    `TLSProxy`)."""
     handler_errors: int = 0
     """Exceptions raised by `handle_stream`."""
 
@@ -76,6 +80,13 @@ class ServerStats:
 # elsewhere it is set on each accepted socket.
 _NODELAY_INHERITED = sys.platform.startswith("linux")
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+# Linux: hand over a connection only once its first bytes arrived (the
+# client speaks first in TLS and PROXY protocol), so silent connections
+# never cost a descriptor or a handshake slot.
+_DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)
+
+#: Default cap on TLS handshakes (and PROXY headers) in progress at once.
+DEFAULT_MAX_CONCURRENT_HANDSHAKES = 1024
 
 
 class _RateLimitedLog:
@@ -118,6 +129,16 @@ class TCPServer:
     `ssl_options` may be None (plain TCP), a dict with tornado's keys, an
     `ssl.SSLContext` (used as given) or a `TLSConfig`; it is validated here,
     at construction, and raises `SSLOptionsError` if anything is wrong.
+
+    Limits, all safe for a public server by default: `max_buffer_size` (what
+    one read may gather, 4 MiB) and `max_write_buffer_size` (bytes queued
+    behind a slow reader before `write()` raises, 4 MiB) per stream;
+    `max_connections` (beyond it new clients wait in the kernel's backlog);
+    `max_concurrent_handshakes` (1024: beyond it accepting pauses, so a flood
+    of ClientHellos cannot use unbounded memory); `handshake_timeout`;
+    `idle_timeout`. With `proxy_protocol`, every connection must start with
+    a PROXY protocol v1 or v2 header from one of `trusted_proxies` (networks;
+    None means loopback only).
     """
 
     def __init__(
@@ -129,6 +150,10 @@ class TCPServer:
         handshake_timeout: float | None = 10.0,
         idle_timeout: float | None = None,
         max_connections: int | None = None,
+        proxy_protocol: bool = False,
+        trusted_proxies: Iterable[Any] | None = None,
+        max_write_buffer_size: int | None = None,
+        max_concurrent_handshakes: int | None = DEFAULT_MAX_CONCURRENT_HANDSHAKES,
     ) -> None:
         if handshake_timeout is not None and handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive or None")
@@ -136,6 +161,8 @@ class TCPServer:
             raise ValueError("idle_timeout must be positive or None")
         if max_connections is not None and max_connections < 1:
             raise ValueError("max_connections must be at least 1 or None")
+        if max_concurrent_handshakes is not None and max_concurrent_handshakes < 1:
+            raise ValueError("max_concurrent_handshakes must be at least 1 or None")
         self.ssl_options = ssl_options
         self._tls: ServerTLS | None = make_server_tls(ssl_options)
         self.max_buffer_size = max_buffer_size
@@ -143,6 +170,10 @@ class TCPServer:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
+        self.max_write_buffer_size = max_write_buffer_size
+        self.max_concurrent_handshakes = max_concurrent_handshakes
+        self.proxy_protocol = bool(proxy_protocol)
+        self.trusted_proxies = TrustedProxies(trusted_proxies)
 
         self._sockets: dict[int, socket.socket] = {}  # fd -> listening socket
         self._accept_removers: dict[int, Callable[[], None]] = {}
@@ -157,6 +188,8 @@ class TCPServer:
         self._closed_event: asyncio.Event | None = None
         self._closing = False
         self._idle_timers: dict[IOStream, asyncio.TimerHandle] = {}
+        self._header_readers: set[ProxyHeaderReader] = set()
+        self._handshaking = 0  # TLS handshakes and PROXY headers in progress
         self._fail_log = _RateLimitedLog(log)
 
         self._accepted = 0
@@ -194,6 +227,15 @@ class TCPServer:
             if _NODELAY_INHERITED and sock.family in _TCP_FAMILIES:
                 # Accepted sockets inherit it: no system call per connection.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if (
+                _DEFER_ACCEPT is not None
+                and sock.family in _TCP_FAMILIES
+                and (self._tls is not None or self.proxy_protocol)
+            ):
+                # After this many seconds of silence the kernel hands the
+                # connection over anyway, and the handshake deadline applies.
+                seconds = max(1, round(self.handshake_timeout or 10))
+                sock.setsockopt(socket.IPPROTO_TCP, _DEFER_ACCEPT, seconds)
             self._sockets[sock.fileno()] = sock
         self._stopped = False
         try:
@@ -326,6 +368,8 @@ class TCPServer:
         self.stop()
         self._closing = True
         # Connections still in their handshake never reached a handler.
+        for reader in list(self._header_readers):
+            self._drop_header_reader(reader)
         for stream in list(self._streams):
             if isinstance(stream, SSLIOStream) and not stream.handshake_done:
                 stream.close()
@@ -349,11 +393,23 @@ class TCPServer:
 
     # ------------------------------------------------------------- accept
 
+    def _at_limit(self) -> bool:
+        """Whether a limit says: accept no more for now."""
+        if self.max_connections is not None and self._open_count() >= self.max_connections:
+            return True
+        limit = self.max_concurrent_handshakes
+        return limit is not None and self._handshaking >= limit
+
+    def _open_count(self) -> int:
+        return len(self._streams) + len(self._header_readers)
+
+    def _maybe_resume(self) -> None:
+        if not self._accepting and not self._stopped and not self._at_limit():
+            self._resume_accepting()
+
     def _resume_accepting(self) -> None:
         # Not skipped when already accepting: sockets added since need handlers.
-        if self._stopped:
-            return
-        if self.max_connections is not None and len(self._streams) >= self.max_connections:
+        if self._stopped or self._at_limit():
             return
         self._accepting = True
         for fd, sock in self._sockets.items():
@@ -376,6 +432,62 @@ class TCPServer:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self.proxy_protocol:
+            self._read_proxy_header(conn, address)
+        else:
+            self._open_stream(conn, address, None)
+        if self._accepting and self._at_limit():
+            # Further clients wait in the kernel's backlog until a slot frees.
+            self._pause_accepting()
+
+    def _read_proxy_header(self, conn: socket.socket, address: Any) -> None:
+        if address not in self.trusted_proxies:
+            conn.close()
+            self._rejected += 1
+            self._count_failure("untrusted_proxy", address, None, "not in trusted_proxies")
+            return
+        assert self._loop is not None
+        self._handshaking += 1
+        try:
+            reader = ProxyHeaderReader(
+                self._loop, conn, address, self.handshake_timeout, self._on_proxy_header
+            )
+        except OSError as e:  # the socket died at once
+            self._handshaking -= 1
+            conn.close()
+            self._count_failure("eof", address, e)
+            return
+        if not reader.finished:  # (with TCP_DEFER_ACCEPT it often finished at once)
+            self._header_readers.add(reader)
+
+    def _drop_header_reader(self, reader: ProxyHeaderReader) -> None:
+        reader.cancel()
+        reader.sock.close()
+        if reader in self._header_readers:
+            self._header_readers.discard(reader)
+            self._handshaking -= 1
+
+    def _on_proxy_header(
+        self, reader: ProxyHeaderReader, header: Any, error: BaseException | None
+    ) -> None:
+        self._header_readers.discard(reader)
+        self._handshaking -= 1
+        address = reader.address
+        if error is not None or header is None:
+            reader.sock.close()
+            if isinstance(error, TimeoutError):
+                reason = "timeout"
+            elif isinstance(error, ConnectionError):
+                reason = "eof"
+            else:
+                reason = "proxy_protocol"
+            self._count_failure(reason, address, error)
+        else:
+            source = header.source if header.source is not None else address
+            self._open_stream(reader.sock, source, header)
+        self._maybe_resume()
+
+    def _open_stream(self, conn: socket.socket, address: Any, header: Any) -> None:
         tls = self._tls
         stream: IOStream
         try:
@@ -384,6 +496,7 @@ class TCPServer:
                     conn,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    max_write_buffer_size=self.max_write_buffer_size,
                     on_close=self._on_stream_closed,
                 )
             else:
@@ -393,6 +506,7 @@ class TCPServer:
                     server_context=tls.context,
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
+                    max_write_buffer_size=self.max_write_buffer_size,
                     on_close=self._on_stream_closed,
                 )
         except (OSError, ValueError, ssl.SSLError) as e:
@@ -400,11 +514,10 @@ class TCPServer:
             conn.close()
             self._count_failure("eof", address, e)
             return
+        stream.proxy_header = header
         self._streams.add(stream)
-        if self.max_connections is not None and len(self._streams) >= self.max_connections:
-            # Further clients wait in the kernel's backlog until a slot frees.
-            self._pause_accepting()
         if isinstance(stream, SSLIOStream):
+            self._handshaking += 1
             stream.start_handshake(
                 lambda s, error: self._on_handshake(s, address, error), self.handshake_timeout
             )
@@ -412,24 +525,45 @@ class TCPServer:
             self._start_handler(stream, address)
 
     def _on_handshake(self, stream: SSLIOStream, address: Any, error: BaseException | None) -> None:
+        self._handshaking -= 1
         if error is not None:
             self._count_failure(classify_handshake_error(error), address, error)
+            self._maybe_resume()
             return
         self._handshakes += 1
-        tls = self._tls
-        if tls is not None and tls.authorize is not None:
-            identity = stream.peer_identity
-            try:
-                allowed = identity is not None and bool(tls.authorize(identity))
-            except Exception:
-                log.exception("authorize() raised for %s; refusing the peer", address)
-                allowed = False
-            if not allowed:
-                self._rejected += 1
-                self._count_failure("unauthorized", address, None, identity)
-                stream.close()
-                return
+        try:
+            allowed = self._authorized(stream, address)
+        except ValueError as e:
+            # A certificate OpenSSL accepted but cryptography cannot parse
+            # (it is stricter, and gets stricter each release).
+            self._count_failure("certificate", address, e, f"unparseable peer certificate: {e}")
+            stream.close(e)
+            return
+        except Exception as e:
+            log.exception("unexpected error after the TLS handshake with %s", address)
+            self._count_failure("internal_error", address, e)
+            stream.close(e)
+            return
+        if not allowed:
+            self._rejected += 1
+            self._count_failure("unauthorized", address, None, stream.peer_identity)
+            stream.close()
+            return
+        self._maybe_resume()
         self._start_handler(stream, address)
+
+    def _authorized(self, stream: SSLIOStream, address: Any) -> bool:
+        """What `authorize` says of the peer (True without it); ValueError if
+        the peer's certificate cannot be parsed."""
+        tls = self._tls
+        if tls is None or tls.authorize is None:
+            return True
+        identity = stream.peer_identity  # ValueError: unparseable
+        try:
+            return identity is not None and bool(tls.authorize(identity))
+        except Exception:
+            log.exception("authorize() raised for %s; refusing the peer", address)
+            return False
 
     def _count_failure(
         self, reason: str, address: Any, error: BaseException | None, detail: object = None
@@ -483,16 +617,12 @@ class TCPServer:
         self._streams.discard(stream)
         self._bytes_received_closed += stream.bytes_received
         self._bytes_sent_closed += stream.bytes_sent
+        if isinstance(stream.error, StreamBufferFullError):
+            self._rejected += 1
         timer = self._idle_timers.pop(stream, None)
         if timer is not None:
             timer.cancel()
-        if (
-            not self._accepting
-            and not self._stopped
-            and self.max_connections is not None
-            and len(self._streams) < self.max_connections
-        ):
-            self._resume_accepting()
+        self._maybe_resume()
 
     # ---------------------------------------------------------- idle timer
 
@@ -515,6 +645,7 @@ class TCPServer:
         quiet_checks = quiet_checks + 1 if activity == seen else 0
         if quiet_checks >= self._IDLE_CHECKS:
             self._idle_timers.pop(stream, None)
+            self._rejected += 1
             stream.close(TimeoutError(f"idle for {self.idle_timeout} s"))
         else:
             self._arm_idle_timer(stream, activity, quiet_checks)
@@ -531,7 +662,7 @@ class TCPServer:
             sent += stream.bytes_sent
         return ServerStats(
             accepted=self._accepted,
-            active=len(self._streams),
+            active=self._open_count(),
             handshakes=self._handshakes,
             rejected=self._rejected,
             bytes_received=received,
@@ -539,6 +670,12 @@ class TCPServer:
             failures=dict(self._failures),
             handler_errors=self._handler_errors,
         )
+
+    def certificate_not_after(self) -> dict[str, float]:
+        """Each certificate file this server serves and when it expires (Unix
+        time), as loaded now (it changes after a reload). Empty without TLS or
+        for an ``ssl.SSLContext`` given as is."""
+        return {} if self._tls is None else self._tls.certificate_not_after()
 
     # ------------------------------------------------------------ override
 

@@ -467,6 +467,8 @@ async def test_close_timeout_closes_leftovers(pki: PKI, no_fd_leak: None) -> Non
     port = server.sockets[0].getsockname()[1]
     reader, writer = await open_tls(port, pki.client_context())
     silent = await raw_connect(port)  # still in its handshake at close()
+    # A first byte: with TCP_DEFER_ACCEPT a silent connection is not even accepted.
+    silent.send(b"\x16")
     try:
         assert await asyncio.wait_for(reader.readexactly(2), 5) == b"hi"
         await until(lambda: server.stats.accepted == 2)
@@ -550,6 +552,7 @@ async def test_max_connections_burst(pki: PKI, no_fd_leak: None) -> None:
                 sock = socket.socket()
                 sock.settimeout(5)
                 sock.connect((HOST, port))  # completes in the kernel backlog
+                sock.send(b"\x16")  # TCP_DEFER_ACCEPT holds back silent connections
                 sock.setblocking(False)
                 socks.append(sock)
             # All four wait in the backlog, but one accept batch stops at the limit.
