@@ -345,6 +345,91 @@ async def test_unix_socket_upstream(tmp_path: Path, pki: PKI, no_fd_leak: None) 
         await upstream.close(timeout=2.0)
 
 
+class HeaderReporter(TCPServer):
+    """Reads the PROXY header the proxy sends first; reports its source, then echoes."""
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+        from securetcp.proxyproto import parse_proxy_header
+
+        data = b""
+        try:
+            while (parsed := parse_proxy_header(data)) is None:
+                data += await stream.read_bytes(65536, partial=True)
+            header, used = parsed
+            await stream.write(f"v{header.version} {header.source} {header.destination}\n".encode())
+            if data[used:]:
+                await stream.write(data[used:])
+            while True:
+                await stream.write(await stream.read_bytes(65536, partial=True))
+        except StreamClosedError:
+            pass
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_send_proxy_tells_the_upstream_who_the_client_is(
+    pki: PKI, version: int, no_fd_leak: None
+) -> None:
+    async with chain(HeaderReporter(), ssl_options=pki.ssl_options(), send_proxy=version) as (
+        _,
+        port,
+    ):
+        reader, writer = await open_tls(port, pki.client_context())
+        try:
+            client = writer.get_extra_info("sockname")[:2]
+            line = await asyncio.wait_for(reader.readline(), 10)
+            assert line == f"v{version} {client} ('{HOST}', {port})\n".encode()
+            writer.write(b"after the header")
+            assert await asyncio.wait_for(reader.readexactly(16), 10) == b"after the header"
+        finally:
+            await close_writer(writer)
+
+
+def tcpserver_has_proxy_protocol() -> bool:
+    import inspect
+
+    return "proxy_protocol" in inspect.signature(TCPServer.__init__).parameters
+
+
+@pytest.mark.skipif(
+    not tcpserver_has_proxy_protocol(), reason="TCPServer(proxy_protocol=...) not implemented yet"
+)
+async def test_send_proxy_precedes_the_tls_handshake_to_the_upstream(
+    pki: PKI, no_fd_leak: None
+) -> None:
+    upstream = EchoServer(ssl_options=pki.ssl_options(), proxy_protocol=True)
+    context = pki.client_context()
+    async with chain(
+        upstream, upstream_ssl=context, upstream_server_hostname="localhost", send_proxy=2
+    ) as (_, port):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            client = writer.get_extra_info("sockname")[:2]
+            writer.write(b"tls after header")
+            assert await asyncio.wait_for(reader.readexactly(16), 10) == b"tls after header"
+        finally:
+            await close_writer(writer)
+    assert upstream.addresses[0][:2] == client
+
+
+async def test_upstream_tls_true_verifies_against_certifi(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    caplog.set_level(logging.WARNING, logger="securetcp.proxy")
+    # A trustme certificate is not in certifi's bundle: the upstream is refused.
+    upstream = EchoServer(ssl_options=pki.ssl_options())
+    async with (
+        running(upstream) as upstream_port,
+        proxy_to(("localhost", upstream_port), upstream_ssl=True) as (proxy, port),
+    ):
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            assert await closed_by_peer(reader)
+        finally:
+            await close_writer(writer)
+        await until(lambda: proxy.stats.failures.get("upstream") == 1)
+    assert any("certificate" in r.getMessage() for r in caplog.records), caplog.text
+
+
 # ----------------------------------------------------------------- end of stream
 
 

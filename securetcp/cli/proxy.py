@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import ssl
-import sys
 from typing import Any
 
 from securetcp.cli._common import CommandError
 from securetcp.cli._serve import (
     add_server_options,
     add_tls_options,
+    describe_sockets,
     serve,
     server_keywords_from_args,
     tls_config_from_args,
@@ -80,10 +81,33 @@ def _upstream_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return client_context(args.upstream_ca, certfile=args.upstream_cert, keyfile=args.upstream_key)
 
 
+def _announcer(args: argparse.Namespace, server: Any) -> Any:
+    def announce(sockets: list[socket.socket]) -> None:
+        kind = "plain TCP" if args.plain else "TLS"
+        upstream_kind = "TLS" if server.upstream_ssl is not None else "plain TCP"
+        print(
+            f"proxy: {kind} on {', '.join(describe_sockets(sockets))} -> {upstream_kind} "
+            f"to {args.upstream} (Ctrl-C to stop)"
+        )
+        tcp = [s for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
+        if tcp and not args.plain:
+            host, port = tcp[0].getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(
+                f"  try: openssl s_client -connect {host}:{port} -CAfile {args.certs}/ca.pem -quiet"
+            )
+
+    return announce
+
+
 def _run(args: argparse.Namespace) -> int:
     from securetcp.services.proxy import TLSProxy
 
-    host, port = args.listen
+    if args.listen is None and not (args.unix or args.systemd):
+        raise CommandError(
+            "say where to accept clients: --listen [HOST:]PORT (or --unix, --systemd)"
+        )
+    host, port = args.listen or ("127.0.0.1", 0)
     if args.plain:
         if args.client_auth != "none":
             raise CommandError("--client-auth needs TLS from clients; drop --plain")
@@ -102,23 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # SSLOptionsError is one too
         raise CommandError(str(e)) from e
-    where = f"[{host}]" if ":" in host else (host or "*")
-    kind = "plain TCP" if args.plain else "TLS"
-    upstream_kind = "TLS" if server.upstream_ssl is not None else "plain TCP"
-    upstream = args.upstream
-    print(
-        f"proxy: {kind} on {where}:{port} -> {upstream_kind} to {upstream} (Ctrl-C to stop)",
-        flush=True,
-    )
-    if not args.plain and port:
-        connect_host = host or "127.0.0.1"
-        print(
-            f"  try: openssl s_client -connect {connect_host}:{port} "
-            f"-CAfile {args.certs}/ca.pem -quiet",
-            flush=True,
-        )
-    sys.stdout.flush()
-    return serve(server, args, port, host)
+    return serve(server, args, port, host, _announcer(args, server))
 
 
 def register(commands: Any) -> None:
@@ -139,7 +147,6 @@ def register(commands: Any) -> None:
     group.add_argument(
         "--listen",
         type=parse_listen,
-        required=True,
         metavar="[HOST:]PORT",
         help="where to accept clients (host default 127.0.0.1; '*' or '' for all; port 0: any)",
     )

@@ -146,21 +146,22 @@ class _RateLimitedLog:
         self._count = 0
         self._suppressed = 0
 
-    def warning(self, message: str, *args: object) -> None:
-        if not self._logger.isEnabledFor(logging.WARNING):
+    def log(self, level: int, message: str, *args: object) -> None:
+        if not self._logger.isEnabledFor(level):
             return
         now = time.monotonic()
         if now - self._window_start >= self._period:
             if self._suppressed:
-                self._logger.warning(
-                    "%d more upstream failures in the last %.0f s",
+                self._logger.log(
+                    level,
+                    "%d more similar messages suppressed in the last %.0f s",
                     self._suppressed,
                     self._period,
                 )
             self._window_start, self._count, self._suppressed = now, 0, 0
         if self._count < self._burst:
             self._count += 1
-            self._logger.warning(message, *args)
+            self._logger.log(level, message, *args)
         else:
             self._suppressed += 1
 
@@ -265,7 +266,7 @@ class TLSProxy(TCPServer):
                 family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
                 self._sockaddr = (family, (str(ip), self.upstream[1]))
         self._proxy_failures: dict[str, int] = {}
-        self._upstream_log = _RateLimitedLog(log)
+        self._log = _RateLimitedLog(log)
         self._upstreams: set[IOStream] = set()
 
     # ------------------------------------------------------------- stats
@@ -314,8 +315,12 @@ class TLSProxy(TCPServer):
 
     def _upstream_failed(self, address: Any, error: BaseException) -> None:
         self._count(UPSTREAM)
-        self._upstream_log.warning(
-            "upstream %s for client %s: %s", _where(self.upstream), _where(address), error
+        self._log.log(
+            logging.WARNING,
+            "upstream %s for client %s: %s",
+            _where(self.upstream),
+            _where(address),
+            error,
         )
 
     def _finish(self, client: IOStream, upstream: IOStream, address: Any) -> None:
@@ -323,6 +328,9 @@ class TLSProxy(TCPServer):
         self._upstreams.discard(upstream)
         if _broken(client.error):
             self._count(CLIENT_RESET)
+            self._log.log(
+                logging.INFO, "client connection broke (%s): %s", _where(address), client.error
+            )
         error = upstream.error
         if _broken(error):
             if isinstance(error, ssl.SSLError) and upstream.bytes_received == 0:
@@ -331,6 +339,12 @@ class TLSProxy(TCPServer):
                 self._upstream_failed(address, UpstreamError(_reason(error)))
             else:
                 self._count(UPSTREAM_RESET)
+                self._log.log(
+                    logging.INFO,
+                    "upstream connection broke (client %s): %s",
+                    _where(address),
+                    error,
+                )
         client.close()
         upstream.close()
 
