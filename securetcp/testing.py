@@ -245,14 +245,21 @@ class BadSSLTestServer:
     the outcome a verifying client must see (see `securetcp.services.badssl`),
     ``server_name(name)`` the host name to verify, ``ca_file`` the CA to trust;
     ``crl_file``, ``client_cert_file`` and ``client_key_file`` are there for
-    the revoked and client-certificate scenarios. ``badssl`` is the
-    `BadSSLServer` itself.
+    the revoked and client-certificate scenarios. With `sni_port` (0: any
+    free port) every scenario is also served on ``sni_port``, chosen by the
+    SNI name ``SCENARIO.badssl.test``. ``badssl`` is the `BadSSLServer` itself.
     """
 
-    def __init__(self, only: Iterable[str] | None = None, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        only: Iterable[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        sni_port: int | None = None,
+    ) -> None:
         from securetcp.services.badssl import BadSSLServer
 
-        self.badssl: BadSSLServer = BadSSLServer(only, host=host)
+        self.badssl: BadSSLServer = BadSSLServer(only, host=host, sni_port=sni_port)
         self.host = host
         self.ca_file = str(self.badssl.ca_file)
         self.crl_file = str(self.badssl.crl_file)
@@ -271,6 +278,11 @@ class BadSSLTestServer:
     def server_name(self, name: str) -> str:
         """The host name a client verifies (and sends as SNI) for scenario `name`."""
         return self.badssl.server_name(name)
+
+    @property
+    def sni_port(self) -> int | None:
+        """The port serving every scenario by SNI name (with ``sni_port=`` given), else None."""
+        return self.badssl.bound_sni_port
 
     def client_context(self) -> ssl.SSLContext:
         """``ssl.create_default_context`` trusting the harness CA: what scenarios expect."""

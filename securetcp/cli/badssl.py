@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from typing import Any
 
 from securetcp.cli._common import CommandError, print_json
@@ -88,12 +87,14 @@ def _run(args: argparse.Namespace) -> int:
         description = server.describe()
         if args.ca_out:
             description["ca"] = args.ca_out
-        if args.json:
-            print_json(description)
-        else:
-            print(_readable(description))
-            sys.stdout.flush()
-        server.run()
+
+        def ready() -> None:  # printed once SIGINT/SIGTERM close gracefully
+            if args.json:
+                print_json(description)
+            else:
+                print(_readable(description), flush=True)
+
+        server.run(ready)
     finally:
         import asyncio
 

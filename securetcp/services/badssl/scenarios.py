@@ -397,6 +397,9 @@ _CATALOGUE = [
         "the leaf's signature has one bit flipped",
         "bad_signature",
         verify_code=7,
+        clients={"curl": "handshake_failure"},
+        note="curl 7.88 reports the ASN.1 error of the failed signature check "
+        "(exit 35, 'EVP lib') rather than the verify code",
     ),
     Scenario(
         "wrong-eku",

@@ -20,7 +20,7 @@ import signal
 import ssl
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,11 @@ class _ScenarioServer(TCPServer):
             if _HTTP_REQUEST.match(data):
                 while b"\r\n\r\n" not in data and len(data) < _MAX_REQUEST_HEAD:
                     data += await stream.read_bytes(65536, partial=True)
-                body = f"badssl {self.scenario.name}: expect {self.scenario.expect}\n".encode()
+                version = getattr(stream, "tls_version", None) or "TLS"
+                body = (
+                    f"badssl {self.scenario.name}: handshake completed ({version}); "
+                    f"a verifying client expects {self.scenario.expect}\n"
+                ).encode()
                 await stream.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -200,7 +204,13 @@ class _SNIRouter(TCPServer):
         """The scenario address for ``[anything.]SCENARIO.badssl.test``."""
         if server_name is None or not server_name.endswith(".badssl.test"):
             return None
-        return self.routes.get(server_name[: -len(".badssl.test")].rsplit(".", 1)[-1])
+        labels = server_name[: -len(".badssl.test")].split(".")
+        # Scenario names may hold dots (tls1.2-only): try the longest candidate first.
+        for start in range(len(labels)):
+            target = self.routes.get(".".join(labels[start:]))
+            if target is not None:
+                return target
+        return None
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Route one connection by its SNI name."""
@@ -231,6 +241,8 @@ class _SNIRouter(TCPServer):
 
 
 async def _pump_up(stream: IOStream, writer: asyncio.StreamWriter) -> None:
+    # Client -> scenario. Ends quietly: the other direction still carries what the
+    # scenario says last (a TLS alert) and closes the client when the scenario closes.
     try:
         while True:
             writer.write(await stream.read_bytes(65536, partial=True))
@@ -239,7 +251,7 @@ async def _pump_up(stream: IOStream, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             writer.write_eof()
     except OSError:
-        stream.close()
+        pass
 
 
 async def _pump_down(reader: asyncio.StreamReader, stream: IOStream) -> None:
@@ -468,8 +480,12 @@ class BadSSLServer:
         await self.start()
         await asyncio.gather(*(s.serve_forever() for s in self._all_servers()))
 
-    def run(self) -> None:
-        """Serve until SIGINT or SIGTERM, then close gracefully."""
+    def run(self, ready: Callable[[], object] | None = None) -> None:
+        """Serve until SIGINT or SIGTERM, then close gracefully.
+
+        `ready` is called once every port accepts and the signals are handled
+        (the place to tell the user where to connect).
+        """
 
         async def main() -> None:
             await self.start()
@@ -479,6 +495,8 @@ class BadSSLServer:
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, stop.set)
             try:
+                if ready is not None:
+                    ready()
                 await stop.wait()
             finally:
                 for sig in (signal.SIGINT, signal.SIGTERM):
