@@ -320,6 +320,13 @@ def _negotiated_group(tls: ssl.SSLObject) -> str:
     return _GROUP_NAMES.get(nid & 0xFFFFFFFF, "unknown")
 
 
+def _der(certificate: Any) -> bytes:
+    import _ssl
+
+    der: bytes = certificate.public_bytes(_ssl.ENCODING_DER)
+    return der
+
+
 def _peer_chain(tls: ssl.SSLObject) -> tuple[list[x509.Certificate], bool]:
     """The certificates the server sent, leaf first, and whether that is all of them.
 
@@ -333,10 +340,8 @@ def _peer_chain(tls: ssl.SSLObject) -> tuple[list[x509.Certificate], bool]:
     if method is not None:
         try:
             items = method() or []
-            ders = [
-                item if isinstance(item, bytes) else item.public_bytes(ssl.ENCODING_DER)  # type: ignore[attr-defined]
-                for item in items
-            ]
+            # 3.13+ gives DER bytes; the private method, _ssl.Certificate objects.
+            ders = [item if isinstance(item, bytes) else _der(item) for item in items]
             return [x509.load_der_x509_certificate(der) for der in ders], True
         except (ValueError, AttributeError, TypeError, ssl.SSLError):
             pass
