@@ -230,3 +230,18 @@ async def test_garbage_after_handshake(echo: Target, context: ssl.SSLContext, ki
         return await read_until_closed(sock)
 
     await attack(echo, context, send, None)
+
+
+@pytest.mark.xfail(strict=True, reason="defects.md R2: traceback per connection on stderr")
+async def test_client_hello_with_non_ascii_server_name(
+    echo: Target, context: ssl.SSLContext
+) -> None:
+    """An SNI name with a byte >= 0x80 (found by fuzz/ handshake): refused and counted,
+    quietly (no traceback per connection on the server's stderr)."""
+    hello = tlswire.python_client_hello(context)
+    assert b"localhost" in hello
+    before = echo.server.stderr()
+    await attack(echo, context, sending(hello.replace(b"localhost", b"local\xe8ost")), None)
+    assert echo.server.stats()["failures"], "not counted"
+    noise = echo.server.stderr()[len(before) :]
+    assert "Traceback" not in noise and "Exception ignored" not in noise, noise

@@ -97,17 +97,7 @@ async def test_descriptor_exhaustion(pki: PKI, context: ssl.SSLContext, tmp_path
         await after_attack(server, baseline, context)
 
 
-@pytest.mark.parametrize(
-    "handler",
-    [
-        "firehose",
-        pytest.param(
-            "firehose-noawait",
-            marks=pytest.mark.xfail(strict=True, reason="defects.md R1: no write limit yet"),
-        ),
-        "echo",
-    ],
-)
+@pytest.mark.parametrize("handler", ["firehose", "firehose-noawait", "echo"])
 async def test_client_that_never_reads(
     pki: PKI, context: ssl.SSLContext, tmp_path: Path, handler: str
 ) -> None:
