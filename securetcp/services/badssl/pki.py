@@ -317,7 +317,7 @@ class BadSSLPKI:
 
     `ca` is the trustme CA clients trust; `intermediate` issues the ordinary
     leaves; `client` is a client certificate (trustme) for the mutual-TLS
-    scenarios; `revoke(serial)` adds a leaf to the intermediate's CRL.
+    scenarios; `revoke(serial)` adds a certificate to the root's CRL.
     """
 
     def __init__(self) -> None:
@@ -330,12 +330,12 @@ class BadSSLPKI:
         self._revoked: list[int] = []
 
     def revoke(self, serial: int) -> None:
-        """List `serial` in the intermediate's CRL."""
+        """List `serial` (of a certificate the root issued) in the root's CRL."""
         self._revoked.append(serial)
 
     def crl_pem(self) -> bytes:
-        """The intermediate's CRL (PEM), listing every revoked leaf."""
-        crl = self.intermediate.crl(self._revoked)
+        """The root's CRL (PEM), listing every revoked certificate."""
+        crl = self.root.crl(self._revoked)
         return crl.public_bytes(serialization.Encoding.PEM)
 
     def ca_pem(self) -> bytes:

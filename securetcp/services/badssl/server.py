@@ -271,7 +271,7 @@ class BadSSLServer:
 
     Construction generates the PKI and writes into `directory` (a temporary
     directory, removed by `close()`, when None): ``ca.pem`` (what clients
-    trust), ``crl.pem`` (the intermediate's CRL, for the `revoked` scenario),
+    trust), ``crl.pem`` (the root's CRL, for the `revoked` scenario),
     ``client.pem``/``client.key`` (a client certificate from the CA) and each
     scenario's chain and key. Scenario ``i`` of the catalogue listens on
     ``base_port + i`` (any free port when `base_port` is None). With
