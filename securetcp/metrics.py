@@ -131,8 +131,9 @@ class StatsCollector:
 
     def collect(self) -> Iterator[Any]:
         """One metric family per statistic, one sample per server."""
-        prometheus_client = _prometheus()
-        core = prometheus_client.core
+        _prometheus()
+        from prometheus_client import core
+
         extra = [] if self.task is None else ["task_id"]
         extra_values = [] if self.task is None else [str(self.task)]
         labels = ["server", *extra]
@@ -206,6 +207,8 @@ def serve_metrics(
     cannot be bound. ``stop()`` closes the endpoint and its thread.
     """
     prometheus_client = _prometheus()
+    from prometheus_client.exposition import choose_encoder
+
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(_named(servers), task_id()))
 
@@ -213,10 +216,9 @@ def serve_metrics(
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                body, kind = (
-                    prometheus_client.generate_latest(registry),
-                    prometheus_client.CONTENT_TYPE_LATEST,
-                )
+                # The format the scraper asks for (Accept): Prometheus text or OpenMetrics.
+                encoder, kind = choose_encoder(self.headers.get("Accept", ""))
+                body = encoder(registry)
             elif path == "/healthz":
                 body, kind = _HEALTHZ, "text/plain; charset=utf-8"
             else:
