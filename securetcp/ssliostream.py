@@ -40,6 +40,12 @@ _TLS_RECORD = 16384
 _TLS_WRITE_CHUNK = 4 * _TLS_RECORD
 
 
+def _bare_ssl_object() -> ssl.SSLObject:
+    """An ``ssl.SSLObject`` to wrap a connection object made here (its
+    constructor refuses direct use; it is a thin layer over ``_sslobj``)."""
+    return ssl.SSLObject.__new__(ssl.SSLObject)
+
+
 class SSLIOStream(IOStream):
     """An `IOStream` whose TLS handshake is driven here, without blocking.
 
@@ -58,6 +64,7 @@ class SSLIOStream(IOStream):
         "_handshake_timer",
         "_peer_identity",
         "_peer_identity_parsed",
+        "_ssl_object",
         "_tls",
         "_tls_conn",
         "_tls_ptr",
@@ -83,18 +90,26 @@ class SSLIOStream(IOStream):
             on_close=on_close,
         )
         self._write_held = True  # until the handshake completes
+        self._ssl_object: ssl.SSLObject | None = None
         setattr(self, SERVER_NAME_ATTRIBUTE, None)
         if server_context is not None:
             if isinstance(sock, ssl.SSLSocket):
                 raise TypeError("server_context needs a plain socket, not an SSLSocket")
-            # securetcp's own SNI callbacks are shown this stream (to record
-            # the name on it); any other callback gets OpenSSL's connection
-            # object, as the stdlib promises. (The weak reference behind the
-            # owner costs ~80 bytes, so only then.)
-            owner = self if is_securetcp_callback(server_context.sni_callback) else None
+            # The SNI callback is shown the connection's owner: securetcp's
+            # own callbacks get this stream (to record the name on it); any
+            # other gets an ssl.SSLObject, as the stdlib promises ("an
+            # SSLContext is used as given"). Without a callback, no owner
+            # (its weak reference costs ~80 bytes).
+            callback = server_context.sni_callback
+            owner: Any = None
+            if callback is not None:
+                owner = self if is_securetcp_callback(callback) else _bare_ssl_object()
             self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
                 sock, True, None, owner=owner, session=None
             )
+            if owner is not None and owner is not self:
+                owner._sslobj = self._tls_conn
+                self._ssl_object = owner  # the owner is held weakly by OpenSSL's object
         elif isinstance(sock, ssl.SSLSocket):
             # CPython keeps OpenSSL's connection object in _sslobj; another
             # implementation's SSLSocket offers the same calls itself.
