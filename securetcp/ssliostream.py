@@ -25,7 +25,12 @@ from typing import Any
 from securetcp._openssl import enable_read_ahead, libssl, release_buffers_when_idle
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.iostream import IOStream, StreamClosedError
-from securetcp.tls.sni import SERVER_NAME_ATTRIBUTE, is_securetcp_callback, recorded_server_name
+from securetcp.tls.sni import (
+    REFUSED_ATTRIBUTE,
+    SERVER_NAME_ATTRIBUTE,
+    is_securetcp_callback,
+    recorded_server_name,
+)
 
 __all__ = ["SSLIOStream"]
 
@@ -69,6 +74,7 @@ class SSLIOStream(IOStream):
         "_tls_conn",
         "_tls_ptr",
         "handshake_error",
+        REFUSED_ATTRIBUTE,
         SERVER_NAME_ATTRIBUTE,
     )
 
@@ -92,6 +98,7 @@ class SSLIOStream(IOStream):
         self._write_held = True  # until the handshake completes
         self._ssl_object: ssl.SSLObject | None = None
         setattr(self, SERVER_NAME_ATTRIBUTE, None)
+        setattr(self, REFUSED_ATTRIBUTE, False)
         if server_context is not None:
             if isinstance(sock, ssl.SSLSocket):
                 raise TypeError("server_context needs a plain socket, not an SSLSocket")

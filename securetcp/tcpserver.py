@@ -42,6 +42,11 @@ from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
 from securetcp.ssliostream import SSLIOStream
 from securetcp.tls import ServerTLS, classify_handshake_error, make_server_tls
+from securetcp.tls.sni import (
+    is_securetcp_callback,
+    refused_by_strict_sni,
+    silence_sni_decode_errors,
+)
 
 __all__ = ["ServerStats", "TCPServer", "classify_handshake_error"]
 
@@ -165,6 +170,8 @@ class TCPServer:
             raise ValueError("max_concurrent_handshakes must be at least 1 or None")
         self.ssl_options = ssl_options
         self._tls: ServerTLS | None = make_server_tls(ssl_options)
+        if self._tls is not None:
+            silence_sni_decode_errors()
         self.max_buffer_size = max_buffer_size
         self.read_chunk_size = read_chunk_size
         self.handshake_timeout = handshake_timeout
@@ -527,7 +534,10 @@ class TCPServer:
     def _on_handshake(self, stream: SSLIOStream, address: Any, error: BaseException | None) -> None:
         self._handshaking -= 1
         if error is not None:
-            self._count_failure(classify_handshake_error(error), address, error)
+            reason = classify_handshake_error(error)
+            if reason == "sni" and self._sni_failed_before_callback(stream):
+                reason = "protocol"  # a malformed name, not an SNI rule
+            self._count_failure(reason, address, error)
             self._maybe_resume()
             return
         self._handshakes += 1
@@ -551,6 +561,16 @@ class TCPServer:
             return
         self._maybe_resume()
         self._start_handler(stream, address)
+
+    @staticmethod
+    def _sni_failed_before_callback(stream: SSLIOStream) -> bool:
+        """Whether an SNI failure came from CPython decoding the name before
+        securetcp's callback ran (a user's own callback's refusals stay "sni")."""
+        try:
+            callback = stream.context.sni_callback
+        except (ValueError, AttributeError):
+            return False
+        return is_securetcp_callback(callback) and not refused_by_strict_sni(stream)
 
     def _authorized(self, stream: SSLIOStream, address: Any) -> bool:
         """What `authorize` says of the peer (True without it); ValueError if

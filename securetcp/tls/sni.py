@@ -18,11 +18,13 @@ callback is one of these (`is_securetcp_callback`). The protocol, owned here:
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "REFUSED_ATTRIBUTE",
     "SERVER_NAME_ATTRIBUTE",
     "RememberServerName",
     "SNICallback",
@@ -31,11 +33,15 @@ __all__ = [
     "lookup",
     "record_server_name",
     "recorded_server_name",
+    "refused_by_strict_sni",
     "remember_server_name",
+    "silence_sni_decode_errors",
 ]
 
 #: Attribute of a connection holding the SNI name its client sent.
 SERVER_NAME_ATTRIBUTE = "securetcp_server_name"
+#: Attribute set on a connection whose name strict SNI refused.
+REFUSED_ATTRIBUTE = "securetcp_sni_refused"
 
 
 def record_server_name(connection: Any, server_name: str | None) -> None:
@@ -102,5 +108,51 @@ class SNISelector(SNICallback):
         if chosen is not None:
             connection.context = chosen
         elif self.strict and lookup(self.default_names, name) is None:
+            try:
+                setattr(connection, REFUSED_ATTRIBUTE, True)
+            except AttributeError:
+                pass
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         return None
+
+
+def refused_by_strict_sni(connection: Any) -> bool:
+    """Whether securetcp's strict SNI refused the name `connection`'s client sent.
+
+    A handshake can also fail in the SNI callback before any securetcp code
+    runs: CPython decodes the name as ASCII first, and a name with a byte
+    >= 0x80 fails there (a malformed ClientHello, not an SNI rule).
+    """
+    return getattr(connection, REFUSED_ATTRIBUTE, False) is True
+
+
+def _is_sni_decode_error(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, UnicodeDecodeError) and isinstance(
+        unraisable.object, bytes
+    )
+
+
+_installed = False
+
+
+def silence_sni_decode_errors() -> None:
+    """Keep a ClientHello with a non-ASCII server name from printing a traceback.
+
+    CPython's SNI wrapper reports the failed ASCII decoding of such a name
+    through ``sys.unraisablehook`` (a traceback on stderr per connection,
+    outside any rate limit: a cheap way to flood a server's logs). The
+    handshake fails anyway and the server counts it; this chained hook drops
+    exactly those reports (a UnicodeDecodeError about a bytes object) and
+    passes every other one to the hook that was there before.
+    """
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_sni_decode_error(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
