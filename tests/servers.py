@@ -118,6 +118,8 @@ class MemoryTLSClient:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        #: Raw (encrypted) bytes read from the socket so far.
+        self.wire_received = 0
 
     @classmethod
     async def connect(cls, sock: socket.socket, context: ssl.SSLContext) -> MemoryTLSClient:
@@ -131,8 +133,10 @@ class MemoryTLSClient:
         if data:
             await self.loop.sock_sendall(self.sock, data)
 
-    async def _fill(self) -> None:
+    async def fill(self) -> None:
+        """Read once from the socket into OpenSSL (end of stream if the peer closed)."""
         data = await self.loop.sock_recv(self.sock, 65536)
+        self.wire_received += len(data)
         if data:
             self.incoming.write(data)
         else:
@@ -147,7 +151,7 @@ class MemoryTLSClient:
                 break
             except ssl.SSLWantReadError:
                 await self.flush()
-                await self._fill()
+                await self.fill()
         if flush:
             await self.flush()
 
@@ -174,7 +178,7 @@ class MemoryTLSClient:
                 return self.tls.read(size)
             except ssl.SSLWantReadError:
                 await self.flush()
-                await self._fill()
+                await self.fill()
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 import ssl
 from typing import Any
 
@@ -18,7 +19,6 @@ from servers import (
     until,
 )
 
-from securetcp import iostream
 from securetcp.iostream import (
     IOStream,
     SSLIOStream,
@@ -28,6 +28,8 @@ from securetcp.iostream import (
 )
 
 KINDS = pytest.mark.parametrize("kind", ["plain", "tls"])
+#: Unconsumed bytes after which a stream stops reading (securetcp.iostream).
+HIGH_WATER = 256 * 1024
 
 
 async def read_exactly(stream: IOStream, size: int) -> bytes:
@@ -149,33 +151,78 @@ async def test_write_futures_resolve(kind: str, pki: Any, no_fd_leak: None) -> N
         assert client.bytes_received == 5
 
 
+class CountingSocket(socket.socket):
+    """A real TCP socket that counts its ``send`` calls (what coalescing saves)."""
+
+    sends = 0
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self.sends += 1
+        return super().send(data, flags)
+
+
+#: Bytes a TLS 1.3 record adds to its payload: header, content type, AEAD tag.
+TLS13_RECORD_OVERHEAD = 5 + 1 + 16
+
+
 @KINDS
 async def test_many_queued_writes_coalesced_and_intact(
     kind: str, pki: Any, no_fd_leak: None
 ) -> None:
+    """Small writes queued behind a blocked one leave as few sends (or TLS
+    records), not one each; every byte arrives in order."""
     rng = random.Random(7)
     big = rng.randbytes(8 * 1024 * 1024)
     messages = [f"message {i:05d};".encode() * rng.randint(1, 4) for i in range(5000)]
     expected = big + b"".join(messages) + big[:100_000]
+    accepted, connecting = await socket_pair()
     # Fire-and-forget writes past the default write limit: raised for this test.
-    async with stream_pair(kind, pki, max_write_buffer_size=32 * 1024 * 1024) as (server, client):
+    limit = 32 * 1024 * 1024
+    server: IOStream
+    if kind == "plain":
+        counting = CountingSocket(accepted.family, accepted.type, fileno=accepted.detach())
+        server = IOStream(counting, max_write_buffer_size=limit)
+        client = IOStream(connecting)
+    else:
+        server = SSLIOStream(
+            accepted, server_context=server_context(pki), max_write_buffer_size=limit
+        )
+        handshake = server.wait_for_handshake()
+        peer = await MemoryTLSClient.connect(connecting, pki.client_context())
+        await asyncio.wait_for(handshake, 10)
+    try:
         # The client is not reading yet: the 8 MB write fills the socket
         # buffers, so everything after it queues in the stream.
         futures = [server.write(big)]
-        assert server._wsize > 0, "the first write should not fit into the kernel"
+        assert not futures[0].done(), "the first write should not fit into the kernel"
         futures += [server.write(m) for m in messages]
         futures.append(server.write(memoryview(big)[:100_000]))
-        # Small writes were merged instead of queued one by one.
-        assert len(server._wqueue) < len(messages) // 20
-        assert not any(f.done() for f in futures[1:])
-        received = bytearray()
-        while len(received) < len(expected):
-            chunk_size = min(1024 * 1024, len(expected) - len(received))
-            received += await asyncio.wait_for(client.read_bytes(chunk_size), 20)
+        assert not any(f.done() for f in futures)
+        if kind == "plain":
+            sends_before = counting.sends
+            received = bytearray()
+            while len(received) < len(expected):
+                chunk_size = min(1024 * 1024, len(expected) - len(received))
+                received += await asyncio.wait_for(client.read_bytes(chunk_size), 20)
+        else:
+            wire_before = peer.wire_received
+            received = bytearray(await asyncio.wait_for(peer.recv_exactly(len(expected)), 20))
         assert received == expected
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         assert server.bytes_sent == len(expected)
-        assert server._wsize == 0 and not server._wqueue
+        # Without merging, each of the 5000 messages would cost a send (or a
+        # record) of its own; merged, the whole transfer takes a few hundred.
+        if kind == "plain":
+            assert counting.sends - sends_before < len(messages) // 4
+        else:
+            records = (peer.wire_received - wire_before - len(expected)) // TLS13_RECORD_OVERHEAD
+            assert records < len(messages) // 4
+    finally:
+        server.close()
+        if kind == "plain":
+            client.close()
+        else:
+            connecting.close()
 
 
 @KINDS
@@ -304,7 +351,8 @@ async def test_buffer_full_without_delimiter(kind: str, pki: Any, no_fd_leak: No
             await asyncio.wait_for(reading, 10)
         assert server.closed()
         assert isinstance(server.error, StreamBufferFullError)
-        assert len(server._rbuf) <= 64 * 1024 + 64 * 1024
+        # It stopped at the limit (plus at most one read chunk), not at 512 KiB.
+        assert server.bytes_received <= 64 * 1024 + 64 * 1024
 
 
 @KINDS
@@ -478,13 +526,16 @@ async def test_tls_pending_bytes_read_without_socket_readiness(pki: Any, no_fd_l
         records = [os.urandom(10_000) for _ in range(27)]
         payload = b"".join(records)
         await asyncio.get_running_loop().sock_sendall(connecting, peer.records(records))
-        await until(
-            lambda: not server._reading and len(server._rbuf) >= iostream._HIGH_WATER,
-            message="the stream to stop reading at its high-water mark",
-        )
         sock = server.socket
         assert isinstance(sock, ssl.SSLSocket)
-        assert sock.pending() > 0, "OpenSSL should hold decrypted bytes"
+        # Nobody reads: the stream stops at its high-water mark (256 KiB of
+        # unconsumed data), short of the whole payload, with decrypted bytes
+        # left inside OpenSSL.
+        await until(
+            lambda: server.bytes_received >= HIGH_WATER and sock.pending() > 0,
+            message="the stream to stop reading at its high-water mark",
+        )
+        assert server.bytes_received < 1 + len(payload)
         assert await read_exactly(server, len(payload)) == payload
         assert server.bytes_received == 1 + len(payload)
     finally:
@@ -553,7 +604,7 @@ async def test_tls_clean_close_sends_close_notify(pki: Any, no_fd_leak: None) ->
                 assert peer.tls.read(1) == b""
                 break
             except ssl.SSLWantReadError:
-                await asyncio.wait_for(peer._fill(), 10)
+                await asyncio.wait_for(peer.fill(), 10)
         else:
             raise AssertionError("no end of stream")
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -277,19 +278,31 @@ async def test_slow_reader_keeps_server_buffers_bounded(pki: PKI, no_fd_leak: No
                     await writer.drain()
 
             def sample() -> int:
+                # What an echo server holds: bytes read but not yet handed
+                # back to the kernel (its read buffer and its write queue).
                 nonlocal peak
-                held = len(stream._rbuf) + stream._wsize
+                held = stream.bytes_received - stream.bytes_sent
                 peak = max(peak, held)
                 return held
+
+            stable = {"value": -1, "polls": 0}
+
+            def stalled() -> bool:
+                # The client's sends block (its transport keeps what the
+                # kernel refused) and the server's count has not moved for
+                # 20 polls (~100 ms).
+                sample()
+                received = stream.bytes_received
+                if received != stable["value"] or writer.transport.get_write_buffer_size() == 0:
+                    stable.update(value=received, polls=0)
+                    return False
+                stable["polls"] += 1
+                return received > 0 and stable["polls"] >= 20
 
             sender = asyncio.ensure_future(send())
             # The client does not read: the server stops reading once its
             # buffers are full, and the client's sends then block.
-            await until(
-                lambda: sample() >= 0 and not stream._reading and stream.bytes_received > 0,
-                timeout=10,
-                message="server to apply backpressure",
-            )
+            await until(stalled, timeout=10, message="server to apply backpressure")
             stalled_at = stream.bytes_received
             assert not sender.done()
             assert stalled_at < total // 2
@@ -487,9 +500,11 @@ async def test_close_timeout_closes_leftovers(pki: PKI, no_fd_leak: None) -> Non
 
 async def test_close_cancels_handler_that_ignores_close(pki: PKI, no_fd_leak: None) -> None:
     outcome: list[str] = []
+    started = asyncio.Event()
 
     class Server(TCPServer):
         async def handle_stream(self, stream: IOStream, address: Any) -> None:
+            started.set()
             try:
                 await asyncio.Event().wait()  # never looks at its stream
             except asyncio.CancelledError:
@@ -501,8 +516,7 @@ async def test_close_cancels_handler_that_ignores_close(pki: PKI, no_fd_leak: No
     port = server.sockets[0].getsockname()[1]
     reader, writer = await open_tls(port, pki.client_context())
     try:
-        await until(lambda: server.stats.handshakes == 1)
-        await until(lambda: len(server._handlers) == 1)
+        await asyncio.wait_for(started.wait(), 5)
         await asyncio.wait_for(server.close(timeout=0.1), 5)
         assert outcome == ["cancelled"]
         assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -575,14 +589,27 @@ async def test_idle_timeout(pki: PKI, no_fd_leak: None) -> None:
         start = loop.time()
         idle_reader, idle_writer = await open_tls(port, pki.client_context())
         busy_reader, busy_writer = await open_tls(port, pki.client_context())
-        try:
-            idle_closed = asyncio.ensure_future(idle_reader.read())
-            # Keep the busy connection talking until the idle one is closed.
-            while not idle_closed.done():
+
+        stop = asyncio.Event()
+
+        async def keep_busy() -> None:
+            while not stop.is_set():
                 busy_writer.write(b"tick")
                 assert await asyncio.wait_for(busy_reader.readexactly(4), 5) == b"tick"
-                assert loop.time() - start < 5, "idle connection was not closed"
-                await asyncio.wait([idle_closed], timeout=0.05)
+                # The client's pace, well within idle_timeout (not a wait for a condition).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.05)
+
+        ticker = asyncio.ensure_future(keep_busy())
+        try:
+            # The busy connection keeps talking until the idle one is closed.
+            idle_closed = asyncio.ensure_future(idle_reader.read())
+            await asyncio.wait_for(
+                asyncio.wait([idle_closed, ticker], return_when=asyncio.FIRST_COMPLETED), 10
+            )
+            assert not ticker.done(), ticker
+            stop.set()
+            await asyncio.wait_for(ticker, 5)
             assert idle_closed.result() == b""
             assert loop.time() - start >= 0.39  # (timers may fire ~1 ms early)
             # The busy one kept working past the idle timeout.
@@ -592,6 +619,7 @@ async def test_idle_timeout(pki: PKI, no_fd_leak: None) -> None:
             errors = [s.error for s in server.streams if s.closed()]
             assert len(errors) == 1 and isinstance(errors[0], TimeoutError)
         finally:
+            ticker.cancel()
             await close_writer(idle_writer)
             await close_writer(busy_writer)
 
