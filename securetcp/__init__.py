@@ -10,7 +10,12 @@ from securetcp.iostream import (
     StreamClosedError,
     UnsatisfiableReadError,
 )
-from securetcp.netutil import add_accept_handler, bind_sockets, bind_unix_socket
+from securetcp.netutil import (
+    add_accept_handler,
+    bind_sockets,
+    bind_unix_socket,
+    sockets_from_systemd,
+)
 from securetcp.process import cpu_count, fork_processes, task_id
 from securetcp.ssliostream import SSLIOStream
 from securetcp.tcpserver import ServerStats, TCPServer
@@ -32,6 +37,7 @@ __all__ = [
     "bind_unix_socket",
     "cpu_count",
     "fork_processes",
+    "sockets_from_systemd",
     "ssl_options_to_context",
     "task_id",
 ]

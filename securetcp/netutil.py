@@ -16,7 +16,13 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["AcceptCallback", "add_accept_handler", "bind_sockets", "bind_unix_socket"]
+__all__ = [
+    "AcceptCallback",
+    "add_accept_handler",
+    "bind_sockets",
+    "bind_unix_socket",
+    "sockets_from_systemd",
+]
 
 log = logging.getLogger("securetcp.netutil")
 
@@ -230,6 +236,64 @@ def _remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ValueError(f"{path!r} exists and is not a socket; refusing to replace it")
     os.remove(path)
+
+
+#: The first descriptor systemd passes (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+def sockets_from_systemd(names: Iterable[str] | None = None) -> list[socket.socket]:
+    """The listening sockets systemd socket activation handed to this process.
+
+    Reads ``LISTEN_PID`` (must be this process), ``LISTEN_FDS`` (descriptors
+    from 3 on) and ``LISTEN_FDNAMES`` (``FileDescriptorName=`` of each
+    socket unit, ``unknown`` when unset); with `names`, only the sockets so
+    named. The sockets are made non-blocking and close-on-exec; ``[]`` when
+    the process was not socket-activated. The variables are removed from
+    the environment either way, so children do not take them as theirs.
+    Raises ValueError, naming the variable or descriptor, for a malformed
+    variable or a descriptor that is not a listening stream socket.
+    """
+    values = {name: os.environ.pop(name, None) for name in _SYSTEMD_VARIABLES}
+    pid, count_text = values["LISTEN_PID"], values["LISTEN_FDS"]
+    if not pid or not count_text:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []  # meant for another process (e.g. our parent)
+    except ValueError:
+        raise ValueError(f"LISTEN_PID={pid!r} is not a process id") from None
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise ValueError(f"LISTEN_FDS={count_text!r} is not a number of descriptors") from None
+    if count < 0:
+        raise ValueError(f"LISTEN_FDS={count_text!r} is not a number of descriptors")
+    fd_names = values["LISTEN_FDNAMES"].split(":") if values["LISTEN_FDNAMES"] else []
+    wanted = None if names is None else set(names)
+    sockets: list[socket.socket] = []
+    for index in range(count):
+        fd = SD_LISTEN_FDS_START + index
+        name = fd_names[index] if index < len(fd_names) else "unknown"
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            raise ValueError(f"systemd socket {name!r} (fd {fd}): {exc.strerror}") from None
+        if wanted is not None and name not in wanted:
+            continue
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.detach()  # not ours to close
+            raise ValueError(
+                f"systemd socket {name!r} (fd {fd}) is not a listening stream socket "
+                "(securetcp needs ListenStream= and Accept=no)"
+            )
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
 
 
 def add_accept_handler(sock: socket.socket, callback: AcceptCallback) -> Callable[[], None]:
