@@ -65,6 +65,7 @@ import ipaddress
 import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -162,7 +163,7 @@ class ProxyHeader:
     command: str
     source: Address | None
     destination: Address | None
-    tlvs: dict[int, bytes] = field(default_factory=dict)
+    tlvs: dict[int, bytes] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class SSLTLV:
 
     client: int
     verify: int
-    tlvs: dict[int, bytes] = field(default_factory=dict)
+    tlvs: dict[int, bytes] = field(default_factory=dict, hash=False)
 
 
 # -- CRC32C (Castagnoli, RFC 4960 appendix B) ---------------------------------------
@@ -322,6 +323,8 @@ def _v1_prefix_bound(data: bytes) -> int:
             raise ProxyProtocolError(
                 f"PROXY v1 line: bad {_V1_NAMES[index]} {_show(value)} for {protocol.decode()}"
             )
+        if not last:  # a space followed it: the field is whole
+            _V1_DECODERS[protocol][index](value, _V1_NAMES[index])
     # The field being read needs its shortest form; each one still missing,
     # a space and its shortest form.
     bound += max(0, specs[len(values) - 1][1] - len(values[-1]))
@@ -345,10 +348,11 @@ def _v1_header(line: bytes) -> ProxyHeader:
             f"PROXY v1 line: {protocol.decode()} needs 4 fields separated by single spaces "
             f"(addresses and ports), got {len(fields) - 2}"
         )
-    parse_address = _v1_ipv4 if protocol == b"TCP4" else _v1_ipv6
-    source = (parse_address(fields[2], _V1_NAMES[0]), _v1_port(fields[4], _V1_NAMES[2]))
-    destination = (parse_address(fields[3], _V1_NAMES[1]), _v1_port(fields[5], _V1_NAMES[3]))
-    return ProxyHeader(1, "PROXY", source, destination, {})
+    src, dst, sport, dport = (
+        decode(value, name)
+        for decode, value, name in zip(_V1_DECODERS[protocol], fields[2:], _V1_NAMES, strict=True)
+    )
+    return ProxyHeader(1, "PROXY", (str(src), int(sport)), (str(dst), int(dport)), {})
 
 
 def _v1_ipv4(value: bytes, what: str) -> str:
@@ -377,6 +381,12 @@ def _v1_port(value: bytes, what: str) -> int:
     return int(value)
 
 
+_V1_DECODERS: dict[bytes, tuple[Callable[[bytes, str], str | int], ...]] = {
+    b"TCP4": (_v1_ipv4, _v1_ipv4, _v1_port, _v1_port),
+    b"TCP6": (_v1_ipv6, _v1_ipv6, _v1_port, _v1_port),
+}
+
+
 def _show(value: bytes) -> str:
     """A field for an error message: short, and never raising on odd bytes."""
     return repr(value[:48].decode("ascii", "backslashreplace"))
@@ -389,11 +399,12 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | int:
     signature = data[: len(V2_SIGNATURE)]
     if not V2_SIGNATURE.startswith(signature):
         raise ProxyProtocolError(f"PROXY v2 header: bad signature {signature!r}")
-    if len(data) > 12:
-        _v2_command(data[12])
-    if len(data) > 13:
-        _v2_family(data[13])
     if len(data) < _V2_FIXED:
+        # Refuse a bad version, command or family as soon as its byte is in.
+        if len(data) > 12:
+            _v2_command(data[12])
+        if len(data) > 13:
+            _v2_family(data[13])
         return _V2_FIXED
     command = _v2_command(data[12])
     family, transport = _v2_family(data[13])
@@ -574,13 +585,18 @@ def _encode_v1(source: Address | None, destination: Address | None) -> bytes:
     if family == _AF_UNIX:
         raise ProxyProtocolError("PROXY v1 cannot carry AF_UNIX addresses (use version 2)")
     protocol = "TCP4" if family == _AF_INET else "TCP6"
-    return f"PROXY {protocol} {_v1_text(src)} {_v1_text(dst)} {sport} {dport}\r\n".encode()
+    line = f"PROXY {protocol} {_v1_text(src)} {_v1_text(dst)} {sport} {dport}\r\n".encode()
+    _parse_v1(line)  # what is sent must parse
+    return line
 
 
 def _v1_text(host: str) -> str:
-    # The specification's form is hex groups only; Python writes the tail
-    # of an IPv4-mapped address dotted, so that one is spelt out in full.
-    return ipaddress.ip_address(host).exploded if ":" in host and "." in host else host
+    """`host` as a v1 line spells it: the specification's form is hex groups
+    only, and Python writes an IPv4-mapped address with a dotted tail."""
+    if ":" not in host or "." not in host:
+        return host
+    packed = ipaddress.IPv6Address(host).packed
+    return ":".join(f"{int.from_bytes(packed[i : i + 2], 'big'):x}" for i in range(0, 16, 2))
 
 
 def _encode_v2(

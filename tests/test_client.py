@@ -18,7 +18,7 @@ from pathlib import Path
 import certifi
 import pytest
 import trustme
-from conftest import PKI
+from conftest import PKI, open_fds
 from cryptography.hazmat.primitives import serialization
 from servers import HOST, EchoServer, serving, until
 
@@ -90,6 +90,18 @@ async def test_server_hostname_defaults_to_host(pki: PKI, no_fd_leak: None) -> N
         stream = await connect(HOST, port, ssl=client_context(pki.ca_file))
         try:
             assert await echo(stream) == PING
+        finally:
+            stream.close()
+
+
+async def test_by_name_tries_each_address(pki: PKI, no_fd_leak: None) -> None:
+    # "localhost" may resolve to ::1 first; the server is on 127.0.0.1 only,
+    # so a refused ::1 is passed over. The name is also the SNI and checked name.
+    async with serving(tls_server(pki)) as port:
+        stream = await connect("localhost", port, ssl=client_context(pki.ca_file))
+        try:
+            assert await echo(stream) == PING
+            assert stream.socket.getpeername()[0] == HOST
         finally:
             stream.close()
 
@@ -447,3 +459,43 @@ def test_bad_options(pki: PKI) -> None:
     for alpn in ("h2", ["h2", ""], [b"h2"]):
         with pytest.raises(SSLOptionsError, match=r"client_context alpn_protocols"):
             client_context(pki.ca_file, alpn_protocols=alpn)  # type: ignore[arg-type]
+
+
+# -- on uvloop -------------------------------------------------------------------------
+
+
+def test_on_uvloop(pki: PKI) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.new_event_loop().close()  # libuv's process-wide pipe, before counting descriptors
+    before = open_fds()
+
+    async def scenarios() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        server = tls_server(pki, client_auth="required", client_ca=str(pki.ca_file))
+        async with serving(server) as port:
+            context = client_context(
+                pki.ca_file, certfile=pki.client_cert_file, keyfile=pki.client_key_file
+            )
+            stream = await connect(HOST, port, ssl=context, server_hostname="localhost")
+            try:
+                assert await echo(stream) == PING
+            finally:
+                stream.close()
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await connect(HOST, port, ssl=context, server_hostname="example.com")
+        with socket.socket() as silent:
+            silent.bind((HOST, 0))
+            silent.listen(8)
+            with pytest.raises(TimeoutError):
+                await connect(HOST, silent.getsockname()[1], ssl=context, timeout=0.2)
+        with socket.socket() as bound:
+            bound.bind((HOST, 0))
+            with pytest.raises(ConnectionRefusedError):
+                await connect(HOST, bound.getsockname()[1])
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenarios(), 30))
+    finally:
+        loop.close()
+    assert not open_fds() - before, "descriptors left open"
