@@ -111,6 +111,7 @@ _GROUP_NAMES = {
     1130: "ffdhe8192",
 }
 _SSL_CTRL_GET_NEGOTIATED_GROUP = 134
+_RECORD_LIMIT = 64 * 1024  # of the server's first bytes kept for a diagnosis
 _TICKET_WAIT = 1.0  # seconds to wait after the handshake for tickets or a late alert
 
 
@@ -240,8 +241,8 @@ class _Connection:
         if not data:
             self.incoming.write_eof()
             return False
-        if record:
-            self.received += data
+        if record and len(self.received) < _RECORD_LIMIT:
+            self.received += data[: _RECORD_LIMIT - len(self.received)]
         self.incoming.write(data)
         return True
 

@@ -22,6 +22,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -243,7 +244,7 @@ def tls_connection(
     return context.wrap_socket(raw, server_hostname=server_name)
 
 
-def read_until_closed(conn: ssl.SSLSocket) -> bytes:
+def read_until_closed(conn: socket.socket) -> bytes:
     data = b""
     try:
         while chunk := conn.recv(65536):
@@ -329,6 +330,46 @@ def test_echo_on_a_unix_socket_with_reloads(tmp_path: Path, pki: Any) -> None:
             assert time.monotonic() < deadline, "the new certificate was never served"
             time.sleep(0.05)
         assert first != new
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert "Traceback" not in err.read_text()
+
+
+def test_echo_behind_a_proxy_with_metrics(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert securetcp("certs", "init", "--dir", "certs", cwd=tmp_path).returncode == 0
+    command = [sys.executable, "-m", "securetcp", "echo", "--port", "0", "--client-auth", "none"]
+    command += ["--proxy-protocol", "--trusted-proxy", "127.0.0.0/8", "--metrics-port", "0"]
+    with server_process(command, tmp_path) as (proc, out, err):
+        port = int(wait_for_text(out, r"127\.0\.0\.1:(\d+)", proc).group(1))
+        metrics = int(wait_for_text(out, r"metrics on http://127\.0\.0\.1:(\d+)/", proc).group(1))
+        context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.pem"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 8443\r\n")
+            with context.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(b"behind a proxy")
+                assert conn.recv(100) == b"behind a proxy"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n")  # no PROXY header: dropped, counted
+            assert read_until_closed(raw) == b""
+
+        def failures() -> dict[str, float]:
+            url = f"http://127.0.0.1:{metrics}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            return {
+                s.labels["reason"]: s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "securetcp_handshake_failures_total"
+            }
+
+        deadline = time.monotonic() + 10
+        while failures() != {"proxy_protocol": 1}:
+            assert time.monotonic() < deadline, failures()
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     assert "Traceback" not in err.read_text()
