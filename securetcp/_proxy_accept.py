@@ -84,6 +84,7 @@ class ProxyHeaderReader:
         done: Done,
     ) -> None:
         self._loop = loop
+        sock.setblocking(False)
         self.sock = sock
         self.address = address
         self._fd = sock.fileno()
