@@ -99,9 +99,18 @@ def connect(
             seen.version, seen.alpn = tls.version(), tls.selected_alpn_protocol()
             der = tls.getpeercert(binary_form=True)
             seen.cert = x509.load_der_x509_certificate(der) if der else None
-            tls.sendall(b"GET / HTTP/1.0\r\nHost: badssl\r\n\r\n")
+            try:
+                tls.sendall(b"GET / HTTP/1.0\r\nHost: badssl\r\n\r\n")
+            except (ssl.SSLError, OSError) as e:
+                # TLS 1.3 client auth: the server may have refused us already; its
+                # alert still waits to be read.
+                write_error: BaseException | None = e
+            else:
+                write_error = None
             while chunk := tls.recv(65536):  # the TLS 1.3 client-auth alert comes here
                 seen.body += chunk
+            if write_error is not None:
+                raise write_error
     except (ssl.SSLError, OSError) as e:
         seen.error = e
     return seen

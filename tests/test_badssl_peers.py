@@ -285,6 +285,10 @@ def curl_outcome(scenario: Scenario, status: int, output: str) -> str:
     for words, outcome in CURL_WORDS:
         if words in output:
             return outcome
+    if status == 55 and "Transport endpoint is not connected" in output:
+        # The server closed (and, with curl's request unread, reset) the connection
+        # right after the TLS 1.3 handshake, before curl read the alert.
+        return "connection_reset"
     if status == 35:  # a TLS error curl does not describe further (e.g. "EVP lib")
         return "handshake_failure"
     return f"unrecognised (exit {status}): {output[-400:]}"
@@ -324,7 +328,12 @@ def curl(
 def test_curl(badssl_server: BadSSLTestServer, name: str) -> None:
     scenario = SCENARIOS[name]
     status, output = curl(badssl_server, scenario)
-    assert curl_outcome(scenario, status, output) == scenario.expect_for("curl")
+    outcome = curl_outcome(scenario, status, output)
+    if name == "client-cert-required" and outcome == "connection_reset":
+        # curl 7.88 reports the refusal one of two ways, depending on timing:
+        # (56) "tlsv13 alert certificate required" or (55) "getpeername() failed".
+        return
+    assert outcome == scenario.expect_for("curl")
 
 
 @needs_curl
