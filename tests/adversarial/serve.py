@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -104,8 +105,15 @@ def emit(event: str, **fields: Any) -> None:
     os.write(sys.stdout.fileno(), line.encode())
 
 
+COUNT_OBJECTS = False  # --count-objects: stats carry the live Python object count
+
+
 def stats_fields(server: TCPServer) -> dict[str, Any]:
-    return dataclasses.asdict(server.stats)
+    fields = dataclasses.asdict(server.stats)
+    if COUNT_OBJECTS:
+        gc.collect()
+        fields["python_objects"] = len(gc.get_objects())
+    return fields
 
 
 def main() -> None:
@@ -126,7 +134,10 @@ def main() -> None:
     )
     parser.add_argument("--handler", choices=("echo", "firehose", "firehose-noawait"))
     parser.add_argument("--firehose-limit", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--count-objects", action="store_true", help="for scripts/soak")
     args = parser.parse_args()
+    global COUNT_OBJECTS
+    COUNT_OBJECTS = args.count_objects
 
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
