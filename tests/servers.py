@@ -10,16 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.certs import PeerIdentity
+from securetcp.iostream import IOStream, SSLIOStream
+from securetcp.services import echo as services_echo
 from securetcp.tcpserver import TCPServer
 
 HOST = "127.0.0.1"
@@ -199,23 +205,131 @@ class MemoryTLSClient:
 # ----------------------------------------------------------------- servers
 
 
-class EchoServer(TCPServer):
-    """Echoes every byte; remembers the streams it was handed."""
+@dataclass(frozen=True)
+class Handled:
+    """The TLS facts of one connection, as `handle_stream` saw them."""
+
+    identity: PeerIdentity | None
+    peer_certificate: dict[str, Any] | None
+    server_name: str | None
+    alpn: str | None
+    version: str | None
+    cipher: tuple[str, str, int] | None
+
+    @classmethod
+    def of(cls, stream: SSLIOStream) -> Handled:
+        return cls(
+            identity=stream.peer_identity,
+            peer_certificate=stream.peer_certificate,
+            server_name=stream.server_name,
+            alpn=stream.selected_alpn_protocol(),
+            version=stream.tls_version,
+            cipher=stream.cipher,
+        )
+
+
+class EchoServer(services_echo.EchoServer):
+    """securetcp's echo service, remembering what it was handed.
+
+    `streams`, `addresses` and `loops` (the loop that ran each handler) grow
+    as connections reach `handle_stream`; `handled` receives the TLS facts of
+    each TLS one. It is a thread-safe queue: read it with `next_handled` from
+    the server's loop, or with ``handled.get(timeout=...)`` from another
+    thread (`ServerThread`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.streams: list[IOStream] = []
         self.addresses: list[Any] = []
+        self.loops: list[asyncio.AbstractEventLoop] = []
+        self.handled: queue.Queue[Handled] = queue.Queue()
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         self.streams.append(stream)
         self.addresses.append(address)
+        self.loops.append(asyncio.get_running_loop())
+        if isinstance(stream, SSLIOStream):
+            assert stream.handshake_done
+            self.handled.put(Handled.of(stream))
+        await super().handle_stream(stream, address)
+
+    @property
+    def port(self) -> int:
+        """The port of the first listening socket."""
+        port: int = self.sockets[0].getsockname()[1]
+        return port
+
+    async def next_handled(self, timeout: float = 5.0) -> Handled:
+        """The next connection's TLS facts, once one reached `handle_stream`."""
+        await until(lambda: not self.handled.empty(), timeout, "a connection to be handled")
+        return self.handled.get_nowait()
+
+
+class ServerThread:
+    """Runs `server` on its own event loop in a thread, listening on 127.0.0.1.
+
+    For blocking clients (stdlib ``ssl`` sockets, sslyze, ``openssl
+    s_client``) in a plain test: ``with ServerThread(EchoServer(...)) as t:``
+    then connect to ``t.port``. The server is closed on exit.
+    """
+
+    def __init__(self, server: TCPServer, start_timeout: float = 10.0) -> None:
+        self.server = server
+        self._timeout = start_timeout
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="test-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.server.listen(0, HOST)
+            self._loop = asyncio.get_running_loop()
+            self._ready.set()
+            await self.server.serve_forever()
+
         try:
-            while True:
-                data = await stream.read_bytes(65536, partial=True)
-                await stream.write(data)
-        except StreamClosedError:
-            pass
+            asyncio.run(main())
+        except BaseException as exc:  # reported by __enter__/__exit__
+            self._error = exc
+            self._ready.set()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        assert self._ready.wait(self._timeout), "server did not start"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self.server.close(timeout=5.0), loop)
+            future.result(self._timeout)
+        self._thread.join(self._timeout)
+        assert not self._thread.is_alive(), "server thread did not stop"
+        assert self._error is None, self._error
+
+    def wait_until(
+        self, predicate: Callable[[], object], timeout: float = 5.0, message: str = "condition"
+    ) -> None:
+        """Poll `predicate` (e.g. on ``server.stats``) from the test's thread."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+            time.sleep(0.005)  # polling interval, not a wait for the condition
 
 
 @contextlib.asynccontextmanager

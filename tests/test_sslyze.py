@@ -9,11 +9,8 @@ stock Python server context shows that the checker does bite.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import pytest
@@ -21,6 +18,7 @@ import pytest
 pytest.importorskip("sslyze", reason="sslyze is not installed (pip install -e '.[test]')")
 
 from certbuilder import CertBuilder, Issued, KeyType
+from servers import EchoServer, ServerThread
 from sslyze.mozilla_tls_profile.tls_config_checker import (
     SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER,
     MozillaTlsConfiguration,
@@ -38,7 +36,6 @@ from sslyze.scanner.models import (
 from sslyze.scanner.scanner import Scanner
 from sslyze.server_setting import ServerNetworkConfiguration, ServerNetworkLocation
 
-from securetcp.services.echo import EchoServer
 from securetcp.tls import TLSConfig
 
 pytestmark = [
@@ -59,59 +56,12 @@ ALLOWED_FINDINGS: frozenset[str] = frozenset()
 
 #: The key-exchange groups Mozilla allows, as sslyze names them.
 MOZILLA_CURVES = {"X25519", "secp256r1", "secp384r1"}
-SERVER_START_TIMEOUT = 10.0
 
 Profile = Literal["modern", "intermediate"]
 
 
-class ServerThread:
-    """An EchoServer with its own event loop in a thread, on 127.0.0.1."""
-
-    def __init__(self, ssl_options: Any) -> None:
-        self.server = EchoServer(ssl_options, handshake_timeout=5.0)
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sslyze-target", daemon=True)
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.server.listen(0, "127.0.0.1")
-            self._loop = asyncio.get_running_loop()
-            self._ready.set()
-            await self.server.serve_forever()
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # reported by __enter__/__exit__
-            self._error = exc
-            self._ready.set()
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        assert self._ready.wait(SERVER_START_TIMEOUT), "server did not start"
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        loop = self._loop
-        if loop is not None and self._thread.is_alive():
-            future = asyncio.run_coroutine_threadsafe(self.server.close(timeout=5.0), loop)
-            future.result(SERVER_START_TIMEOUT)
-        self._thread.join(SERVER_START_TIMEOUT)
-        assert not self._thread.is_alive(), "server thread did not stop"
-        assert self._error is None, self._error
+def echo(ssl_options: Any) -> EchoServer:
+    return EchoServer(ssl_options, handshake_timeout=5.0)
 
 
 def scan(port: int, ca_file: Path) -> ServerScanResult:
@@ -162,7 +112,7 @@ def test_profile_passes_mozilla_check(
     test_ca: CertBuilder, profile: Profile, key_type: KeyType
 ) -> None:
     leaf = localhost_cert(test_ca, key_type)
-    with ServerThread(TLSConfig(*leaf.pair, profile=profile)) as target:
+    with ServerThread(echo(TLSConfig(*leaf.pair, profile=profile))) as target:
         result = scan(target.port, test_ca.ca_file)
         stats = target.server.stats
     findings = mozilla_findings(result, profile)
@@ -200,7 +150,7 @@ def test_stock_python_context_fails_mozilla_check(test_ca: CertBuilder) -> None:
     leaf = localhost_cert(test_ca, "ec")
     stock = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     stock.load_cert_chain(*leaf.pair)
-    with ServerThread(stock) as target:
+    with ServerThread(echo(stock)) as target:
         result = scan(target.port, test_ca.ca_file)
     findings = mozilla_findings(result, "intermediate")
     # CBC-SHA2 suites (e.g. ECDHE-ECDSA-AES128-SHA256), and X448/secp521r1.

@@ -5,7 +5,8 @@ and talks to it with blocking stdlib TLS clients run in worker threads
 (``asyncio.to_thread``), so the server keeps running while a client waits.
 Certificates come from tests/certbuilder.py (cryptography), written to
 tmp_path; nothing about ``ssl`` is mocked. Conditions are awaited through
-the server's queue of handled connections or polled with a deadline.
+the server's queue of handled connections or polled with a deadline
+(tests/servers.py: the EchoServer and `until`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,9 @@ import pytest
 from certbuilder import CertBuilder, Issued
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from servers import HOST, EchoServer, until
 
 from securetcp.certs import PeerIdentity
-from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
-from securetcp.tcpserver import TCPServer
 from securetcp.tls import TLSConfig
 
 TIMEOUT = 5.0
@@ -41,72 +41,17 @@ SPIFFE_ID = "spiffe://example.org/svc"
 # -- the server -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What handle_stream saw of one connection."""
-
-    identity: PeerIdentity | None
-    peer_certificate: dict[str, Any] | None
-    server_name: str | None
-    alpn: str | None
-    version: str | None
-    cipher: tuple[str, str, int] | None
-
-
-class RecordingServer(TCPServer):
-    """Records the TLS facts of each handled stream in ``seen``, then echoes."""
-
-    def __init__(self, ssl_options: Any) -> None:
-        super().__init__(ssl_options, handshake_timeout=TIMEOUT)
-        self.seen: asyncio.Queue[Seen] = asyncio.Queue()
-
-    async def handle_stream(self, stream: IOStream, address: Any) -> None:
-        assert isinstance(stream, SSLIOStream) and stream.handshake_done
-        self.seen.put_nowait(
-            Seen(
-                identity=stream.peer_identity,
-                peer_certificate=stream.peer_certificate,
-                server_name=stream.server_name,
-                alpn=stream.selected_alpn_protocol(),
-                version=stream.tls_version,
-                cipher=stream.cipher,
-            )
-        )
-        try:
-            while True:
-                await stream.write(await stream.read_bytes(65536, partial=True))
-        except StreamClosedError:
-            pass
-        finally:
-            stream.close()
-
-    @property
-    def port(self) -> int:
-        port: int = self.sockets[0].getsockname()[1]
-        return port
-
-    async def next_seen(self) -> Seen:
-        return await asyncio.wait_for(self.seen.get(), TIMEOUT)
-
-
 @contextlib.asynccontextmanager
-async def serving(config: TLSConfig) -> AsyncIterator[RecordingServer]:
-    """A RecordingServer accepting on 127.0.0.1 in the running loop."""
-    server = RecordingServer(config)
-    server.listen(0, "127.0.0.1")  # accepts at once: a loop is running
+async def serving(config: TLSConfig) -> AsyncIterator[EchoServer]:
+    """An EchoServer (tests/servers.py) accepting on 127.0.0.1 in the running loop;
+    ``next_handled()`` gives the TLS facts of each connection that reached
+    ``handle_stream``, ``handled.empty()`` says none did."""
+    server = EchoServer(config, handshake_timeout=TIMEOUT)
+    server.listen(0, HOST)  # accepts at once: a loop is running
     try:
         yield server
     finally:
         await server.close(timeout=TIMEOUT)
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 # -- certificates and clients ------------------------------------------------------
@@ -274,12 +219,12 @@ async def test_intermediate_accepts_tls12_and_tls13(
         ):
             reply = await served(server.port, client_context(ca, maximum=maximum))
             assert reply.version == version
-            seen = await server.next_seen()
+            seen = await server.next_handled()
             assert seen.version == version
             assert seen.cipher is not None and seen.cipher[1] == version
         await refused(server.port, legacy_client_context(ca))
-        await eventually(lambda: server.stats.failures == {"protocol": 1}, "a protocol failure")
-        assert server.stats.handshakes == 2 and server.seen.empty()
+        await until(lambda: server.stats.failures == {"protocol": 1}, message="a protocol failure")
+        assert server.stats.handshakes == 2 and server.handled.empty()
 
 
 async def test_modern_refuses_tls12_client(
@@ -287,10 +232,10 @@ async def test_modern_refuses_tls12_client(
 ) -> None:
     async with serving(TLSConfig(*server_cert.pair, profile="modern")) as server:
         assert (await served(server.port, client_context(ca))).version == "TLSv1.3"
-        assert (await server.next_seen()).version == "TLSv1.3"
+        assert (await server.next_handled()).version == "TLSv1.3"
         await refused(server.port, client_context(ca, maximum=ssl.TLSVersion.TLSv1_2))
-        await eventually(lambda: server.stats.failures == {"protocol": 1}, "a protocol failure")
-        assert server.stats.handshakes == 1 and server.seen.empty()
+        await until(lambda: server.stats.failures == {"protocol": 1}, message="a protocol failure")
+        assert server.stats.handshakes == 1 and server.handled.empty()
 
 
 # -- mutual TLS -----------------------------------------------------------------------
@@ -318,13 +263,13 @@ async def test_client_auth_required(
     config = TLSConfig(*server_cert.pair, client_auth="required", client_ca=ca.ca_file)
     async with serving(config) as server:
         await refused(server.port, client_context(ca))
-        await eventually(lambda: server.stats.failures == {"certificate": 1}, "no certificate")
+        await until(lambda: server.stats.failures == {"certificate": 1}, message="no certificate")
         await refused(server.port, client_context(ca, stranger))
-        await eventually(lambda: server.stats.failures == {"certificate": 2}, "untrusted CA")
-        assert server.seen.empty()
+        await until(lambda: server.stats.failures == {"certificate": 2}, message="untrusted CA")
+        assert server.handled.empty()
 
         await served(server.port, client_context(ca, svc_cert))
-        seen = await server.next_seen()
+        seen = await server.next_handled()
     identity = seen.identity
     assert identity is not None
     assert identity.common_name == "svc-a"
@@ -351,17 +296,17 @@ async def test_client_auth_optional(
     config = TLSConfig(*server_cert.pair, client_auth="optional", client_ca=ca.ca_file)
     async with serving(config) as server:
         await served(server.port, client_context(ca))
-        anonymous = await server.next_seen()
+        anonymous = await server.next_handled()
         assert anonymous.identity is None and anonymous.peer_certificate is None
 
         await served(server.port, client_context(ca, svc_cert))
-        known = await server.next_seen()
+        known = await server.next_handled()
         assert known.identity is not None and known.identity.uris == (SPIFFE_ID,)
 
         # A certificate that is presented is verified, even when optional.
         await refused(server.port, client_context(ca, stranger))
-        await eventually(lambda: server.stats.failures == {"certificate": 1}, "untrusted CA")
-        assert server.seen.empty()
+        await until(lambda: server.stats.failures == {"certificate": 1}, message="untrusted CA")
+        assert server.handled.empty()
 
 
 async def test_authorize_rejects_valid_peer(
@@ -379,19 +324,19 @@ async def test_authorize_rejects_valid_peer(
     )
     async with serving(config) as server:
         await refused(server.port, client_context(ca, svc_cert))
-        await eventually(lambda: server.stats.rejected == 1, "the rejection")
+        await until(lambda: server.stats.rejected == 1, message="the rejection")
         assert server.stats.failures == {"unauthorized": 1}
         assert [identity.common_name for identity in asked] == ["svc-a"]
 
         # No certificate at all: nobody to authorize, refused without asking.
         await refused(server.port, client_context(ca))
-        await eventually(lambda: server.stats.rejected == 2, "the second rejection")
+        await until(lambda: server.stats.rejected == 2, message="the second rejection")
         assert server.stats.failures == {"unauthorized": 2}
         assert len(asked) == 1
-        assert server.seen.empty()  # handle_stream never ran
+        assert server.handled.empty()  # handle_stream never ran
 
         await served(server.port, client_context(ca, allowed))
-        seen = await server.next_seen()
+        seen = await server.next_handled()
         assert seen.identity is not None and seen.identity.common_name == "svc-b"
         assert server.stats.handshakes == 3 and server.stats.rejected == 2
 
@@ -438,7 +383,7 @@ async def test_sni_selects_certificate(
             client.check_hostname = verifiable  # the client checks the name it asked for
             reply = await served(server.port, client, server_hostname=name)
             assert reply.peer.serial_number == sni_certs[expected].serial, name
-            assert (await server.next_seen()).server_name == name
+            assert (await server.next_handled()).server_name == name
         assert server.stats.failures == {}
 
 
@@ -449,11 +394,11 @@ async def test_sni_strict_refuses_unknown_name(
         client = client_context(ca)
         client.check_hostname = False
         await refused(server.port, client, server_hostname="unknown.example")
-        await eventually(lambda: server.stats.failures == {"sni": 1}, "an SNI failure")
-        assert server.seen.empty()
+        await until(lambda: server.stats.failures == {"sni": 1}, message="an SNI failure")
+        assert server.handled.empty()
         reply = await served(server.port, client_context(ca), server_hostname="a.example")
         assert reply.peer.serial_number == sni_certs["a"].serial
-        assert (await server.next_seen()).server_name == "a.example"
+        assert (await server.next_handled()).server_name == "a.example"
 
 
 async def test_client_auth_on_sni_context(
@@ -463,10 +408,10 @@ async def test_client_auth_on_sni_context(
     config = sni_config(sni_certs, client_auth="required", client_ca=ca.ca_file)
     async with serving(config) as server:
         await refused(server.port, client_context(ca), server_hostname="a.example")
-        await eventually(lambda: server.stats.failures == {"certificate": 1}, "no certificate")
+        await until(lambda: server.stats.failures == {"certificate": 1}, message="no certificate")
         reply = await served(server.port, client_context(ca, svc_cert), "a.example")
         assert reply.peer.serial_number == sni_certs["a"].serial
-        seen = await server.next_seen()
+        seen = await server.next_handled()
         assert seen.server_name == "a.example"
         assert seen.identity is not None and seen.identity.uris == (SPIFFE_ID,)
 
@@ -483,7 +428,7 @@ async def test_alpn(ca: CertBuilder, sni_certs: dict[str, Issued], no_fd_leak: N
         for name, offered, expected in cases:
             reply = await served(server.port, client_context(ca, alpn=offered), name)
             assert reply.alpn == expected, (name, offered)
-            assert (await server.next_seen()).alpn == expected, (name, offered)
+            assert (await server.next_handled()).alpn == expected, (name, offered)
 
 
 # -- certificate reloading -----------------------------------------------------------
@@ -528,11 +473,11 @@ async def test_reload_polling(
                 def errors() -> list[logging.LogRecord]:
                     return [r for r in caplog.records if r.name == "securetcp.tls"]
 
-                await eventually(lambda: bool(errors()), "the reload error")
+                await until(lambda: bool(errors()), message="the reload error")
                 # Over several more polling periods: the renewed certificate
                 # keeps being served, and the broken file is not re-reported.
-                until = loop.time() + 5 * interval
-                while loop.time() < until:
+                window_end = loop.time() + 5 * interval
+                while loop.time() < window_end:
                     assert await served_serial(server.port, ca) == renewed.serial
                 (error,) = errors()
             assert error.levelno == logging.ERROR

@@ -71,18 +71,6 @@ def run_on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
         loop.close()
 
 
-class LoopRecordingEchoServer(EchoServer):
-    """An echo server that remembers which loop served each connection."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loops: list[asyncio.AbstractEventLoop] = []
-
-    async def handle_stream(self, stream: IOStream, address: Any) -> None:
-        self.loops.append(asyncio.get_running_loop())
-        await super().handle_stream(stream, address)
-
-
 # ------------------------------------------------------------ in process
 
 
@@ -91,7 +79,7 @@ def test_tls_echo_of_megabytes_both_ways(pki: Any, size: int, no_fd_leak: None) 
     payload = os.urandom(size)
 
     async def test() -> None:
-        server = LoopRecordingEchoServer(ssl_options=pki.ssl_options())
+        server = EchoServer(ssl_options=pki.ssl_options())
         async with serving(server) as port:
             reader, writer = await open_tls(port, pki.client_context())
             try:
@@ -257,21 +245,16 @@ def test_run_names_the_extra_when_uvloop_is_missing(
 
 SERVER_SCRIPT = """\
 import asyncio, logging, sys
-from securetcp.iostream import StreamClosedError
-from securetcp.tcpserver import TCPServer
+from securetcp.services.echo import EchoServer
 from securetcp.tls import TLSConfig
 
 logging.basicConfig(level=logging.INFO)
 loops = set()
 
-class Echo(TCPServer):
+class Echo(EchoServer):
     async def handle_stream(self, stream, address):
         loops.add(type(asyncio.get_running_loop()).__module__.split(".")[0])
-        try:
-            while True:
-                await stream.write(await stream.read_bytes(65536, partial=True))
-        except StreamClosedError:
-            pass
+        await super().handle_stream(stream, address)
 
 server = Echo(ssl_options=TLSConfig(sys.argv[1], sys.argv[2]))
 server.listen(0, "127.0.0.1")
