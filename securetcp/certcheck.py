@@ -383,9 +383,7 @@ def _check_strength(report: CheckReport, path: list[tuple[int, x509.Certificate]
             problem = "a DSA key, which TLS 1.3 and current clients do not accept"
         if problem is None:
             size = key["curve"] or f"{key['bits']} bits"
-            report.add(
-                "key_strength", "ok", f"{subject} has a {key['type']} key ({size})", position
-            )
+            report.add("key_strength", "ok", f"{subject}: {key['type']} key, {size}", position)
         else:
             report.add("key_strength", "failed", f"{subject} has {problem}", position)
         if cert is report.anchor and is_issued_by(cert, cert):

@@ -196,7 +196,13 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     unknown = run("nosuch", cwd=tmp_path)
     assert unknown.returncode == 2 and "invalid choice: 'nosuch'" in unknown.stderr
     bad_port = run("echo", "--port", "http", cwd=tmp_path)
-    assert bad_port.returncode == 2 and "--port" in bad_port.stderr
+    assert bad_port.returncode == 2
+    assert bad_port.stderr == (
+        "securetcp echo: argument --port: invalid int value: 'http' (see securetcp echo --help)\n"
+    )
+    nested = run("certs", "check", "--cert", "x.pem", "--purpose", "both", cwd=tmp_path)
+    assert nested.returncode == 2 and len(nested.stderr.splitlines()) == 1
+    assert nested.stderr.startswith("securetcp certs check: argument --purpose")
 
 
 @pytest.mark.parametrize(

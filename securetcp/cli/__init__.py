@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from securetcp.cli._common import (
     EXIT_USAGE,
+    ArgumentParser,
     CheckFailed,
     CommandError,
     add_logging_options,
@@ -50,7 +51,7 @@ def _command_modules() -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="securetcp",
         description="A TLS-first TCP server toolkit: servers, a TLS proxy and TLS diagnostics.",
         epilog=EXAMPLES,

@@ -7,12 +7,13 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "EXIT_CHECK_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "ArgumentParser",
     "CheckFailed",
     "CommandError",
     "Subcommands",
@@ -29,6 +30,14 @@ __all__ = [
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (and exit status 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG: MESSAGE (see PROG --help)`` on stderr and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 class CommandError(Exception):
