@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket
 import ssl as _ssl
@@ -239,11 +240,17 @@ def _os_error(error: OSError, message: str) -> OSError:
     return new
 
 
+@functools.lru_cache(maxsize=1)
+def _default_context() -> _ssl.SSLContext:
+    # Loading certifi's bundle takes tens of milliseconds: do it once.
+    return client_context()
+
+
 def _resolve_context(option: object) -> _ssl.SSLContext | None:
     if option is None or option is False:
         return None
     if option is True:
-        return client_context()
+        return _default_context()
     if isinstance(option, _ssl.SSLContext):
         return option
     raise TypeError(f"connect: ssl must be None, True or an ssl.SSLContext, not {option!r}")
@@ -263,7 +270,8 @@ async def connect(
     whose handshake has completed.
 
     ``ssl=None`` is plain TCP, ``True`` means :func:`client_context` (certifi's
-    CAs), an ``ssl.SSLContext`` is used as given. ``server_hostname`` (default
+    CAs; one context, made on first use, shared by every such call), an
+    ``ssl.SSLContext`` is used as given. ``server_hostname`` (default
     ``host``) is sent as SNI and checked against the certificate. Resolution,
     TCP connect and handshake together take at most ``timeout`` seconds
     (None: no bound). ``source_address`` binds the local end first. Each

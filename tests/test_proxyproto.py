@@ -717,3 +717,26 @@ async def test_haproxy_tls_facts(pki: PKI, tmp_path: Path) -> None:
     assert info.tlvs[PP2_SUBTYPE_SSL_CN] == b"test-client"
     assert info.tlvs[PP2_SUBTYPE_SSL_VERSION].startswith(b"TLSv1.")
     assert info.tlvs[PP2_SUBTYPE_SSL_CIPHER]
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+@pytest.mark.parametrize("version", [1, 2])
+async def test_haproxy_accepts_what_we_encode(version: int, tmp_path: Path) -> None:
+    # HAProxy reads our header (accept-proxy; it checks the CRC32C) and tells
+    # the listener behind it, in its own v2 header, the addresses we sent.
+    tlvs = {PP2_TYPE_CRC32C: b"", PP2_TYPE_AUTHORITY: b"example.org"} if version == 2 else None
+    ours = encode_proxy_header(
+        ("203.0.113.7", 4242), ("198.51.100.1", 443), version=version, tlvs=tlvs
+    )
+
+    async def send_header(sock: socket.socket) -> None:
+        await asyncio.get_running_loop().sock_sendall(sock, ours + b"hello")
+
+    header, rest, _, _ = await receive_through_haproxy(
+        tmp_path, "send-proxy-v2 proxy-v2-options authority,crc32c", "accept-proxy", send_header
+    )
+    assert rest == b"hello"
+    assert header.source == ("203.0.113.7", 4242)
+    assert header.destination == ("198.51.100.1", 443)
+    if version == 2:
+        assert header.tlvs[PP2_TYPE_AUTHORITY] == b"example.org"
