@@ -249,6 +249,8 @@ CURL_SCENARIOS = [
     "wildcard",
     "ip-san",
     "idn",
+    "alpn-h2",
+    "no-alpn",
 ]
 # curl's own words; certificate problems carry OpenSSL's verify message.
 CURL_WORDS = [

@@ -2,9 +2,9 @@
 
 Each scenario is a `TCPServer` with its own ``ssl.SSLContext`` (used as
 given). After the handshake a connection gets a short HTTP answer when it
-sends an HTTP request (so curl and browsers show the scenario), and an echo
-otherwise. The optional SNI port reads the TLS ClientHello, picks the scenario
-from the server name ``SCENARIO.badssl.test`` and passes the connection,
+sends an HTTP/1.x request or the HTTP/2 preface (so curl and browsers show
+the scenario), and an echo otherwise. The optional SNI port reads the TLS
+ClientHello, picks the scenario from the server name ``SCENARIO.badssl.test`` and passes the connection,
 untouched, to that scenario's port: so protocol versions, cipher suites and
 client authentication behave exactly as on the scenario's own port.
 """
@@ -121,12 +121,63 @@ def _probe_handshake(
         return f"{e.reason or e}"
 
 
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return (
+        len(payload).to_bytes(3, "big")
+        + bytes((kind, flags))
+        + stream_id.to_bytes(4, "big")
+        + payload
+    )
+
+
+def _first_h2_headers(frames: bytes) -> bool:
+    """Whether `frames` (after the preface) hold a complete HEADERS frame."""
+    pos = 0
+    while pos + 9 <= len(frames):
+        end = pos + 9 + int.from_bytes(frames[pos : pos + 3], "big")
+        if end > len(frames):
+            return False
+        if frames[pos + 3] == 1:
+            return True
+        pos = end
+    return False
+
+
 class _ScenarioServer(TCPServer):
-    """One scenario: an HTTP answer for an HTTP request, an echo otherwise."""
+    """One scenario: an HTTP/1.x or HTTP/2 answer for an HTTP request, an echo otherwise."""
 
     def __init__(self, scenario: Scenario, context: ssl.SSLContext, **keywords: Any) -> None:
         super().__init__(ssl_options=context, **keywords)
         self.scenario = scenario
+
+    def _body(self, stream: IOStream) -> bytes:
+        version = getattr(stream, "tls_version", None) or "TLS"
+        return (
+            f"badssl {self.scenario.name}: handshake completed ({version}); "
+            f"a verifying client expects {self.scenario.expect}\n"
+        ).encode()
+
+    async def _answer_h2(self, stream: IOStream, data: bytes) -> None:
+        """The smallest HTTP/2 answer: 200 and the body on the client's first stream."""
+        while len(data) < _MAX_REQUEST_HEAD:
+            if len(data) >= len(_H2_PREFACE) and _first_h2_headers(data[len(_H2_PREFACE) :]):
+                break
+            data += await stream.read_bytes(65536, partial=True)
+        else:
+            return
+        if not data.startswith(_H2_PREFACE):
+            return
+        body = self._body(stream)
+        await stream.write(
+            _h2_frame(4, 0, 0, b"")  # our SETTINGS (all defaults)
+            + _h2_frame(4, 1, 0, b"")  # ACK of the client's SETTINGS
+            + _h2_frame(1, 4, 1, b"\x88")  # HEADERS, END_HEADERS: ":status: 200" (HPACK 8)
+            + _h2_frame(0, 1, 1, body)  # DATA, END_STREAM
+            + _h2_frame(7, 0, 0, (1).to_bytes(4, "big") + bytes(4))  # GOAWAY, NO_ERROR
+        )
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Answer one connection whose handshake completed."""
@@ -135,15 +186,14 @@ class _ScenarioServer(TCPServer):
             if _HTTP_REQUEST.match(data):
                 while b"\r\n\r\n" not in data and len(data) < _MAX_REQUEST_HEAD:
                     data += await stream.read_bytes(65536, partial=True)
-                version = getattr(stream, "tls_version", None) or "TLS"
-                body = (
-                    f"badssl {self.scenario.name}: handshake completed ({version}); "
-                    f"a verifying client expects {self.scenario.expect}\n"
-                ).encode()
+                body = self._body(stream)
                 await stream.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
                 )
+                return
+            if data.startswith(_H2_PREFACE[: len(data)]):
+                await self._answer_h2(stream, data)
                 return
             while True:
                 await stream.write(data)
