@@ -80,6 +80,8 @@ class _LoopThread:
             if tasks:
                 self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            # Joins the resolver threads (getaddrinfo) the servers' clients may have used.
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = STARTUP_TIMEOUT) -> T:
@@ -303,16 +305,11 @@ class BadSSLTestServer:
         """Close every scenario server, stop the thread, remove the PKI files."""
         thread, self._thread = self._thread, None
         if thread is None:
-            self._thread_cleanup()
-            return
+            thread = _LoopThread("securetcp-badssl")  # never started: close() removes the files
         try:
             thread.call(self.badssl.close())
         finally:
             thread.stop()
-
-    def _thread_cleanup(self) -> None:
-        # Never started: close() still removes the temporary directory.
-        asyncio.run(self.badssl.close())
 
     def __enter__(self) -> BadSSLTestServer:
         return self.start()

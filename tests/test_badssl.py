@@ -278,6 +278,19 @@ def test_the_wildcard_covers_one_label_only(badssl_server: BadSSLTestServer) -> 
     assert connect(port, "badssl.test", context).outcome == "hostname_mismatch"
 
 
+def test_a_request_typed_without_crlf_is_answered(badssl_server: BadSSLTestServer) -> None:
+    context = badssl_server.client_context()
+    with (
+        socket.create_connection((badssl_server.host, badssl_server.port("good")), 10) as sock,
+        context.wrap_socket(sock, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET / HTTP/1.0\n\n")  # what s_client sends without -crlf
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"expects ok\n")
+
+
 async def test_asyncio_clients_see_the_same(badssl_server: BadSSLTestServer) -> None:
     context = badssl_server.client_context()
     reader, writer = await asyncio.open_connection(
@@ -343,6 +356,11 @@ def test_sni_port_names_and_refusals(sni_harness: BadSSLTestServer) -> None:
     for unknown in ("nothing.badssl.test", "example.org", "ip-san.badssl.test"):
         seen = connect(sni_harness.sni_port, unknown, context)
         assert isinstance(seen.error, (ssl.SSLEOFError, ConnectionResetError)), unknown
+    with socket.create_connection(("127.0.0.1", sni_harness.sni_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: good.badssl.test\r\n\r\n")  # not TLS
+        assert sock.recv(100) == b""
+    refusals = sni_harness.badssl.sni_refusals
+    assert refusals.get("no_scenario") == 3 and refusals.get("not_tls") == 1
     context.check_hostname = False  # a client that sends no SNI at all
     with (
         socket.create_connection(("127.0.0.1", sni_harness.sni_port), timeout=10) as sock,
@@ -400,16 +418,22 @@ def test_unknown_scenario_is_refused() -> None:
 
 async def test_base_port_and_close_leave_nothing_behind(no_fd_leak: None) -> None:
     names = list(SCENARIOS)
-    # Two consecutive free ports: "good" is scenario 0 of the catalogue, "expired" 1.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-    server = BadSSLServer(["expired", "good"], base_port=base)
-    try:
-        await server.start()
-    except OSError:
+    server = BadSSLServer(["expired", "good"])
+    # "good" is scenario 0 of the catalogue and "expired" 1: two consecutive free
+    # ports are needed, and the machine's other clients may take one meanwhile.
+    for _ in range(10):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            server.base_port = probe.getsockname()[1]
+        try:
+            await server.start()
+            break
+        except OSError as e:
+            error = e
+    else:
         await server.close()
-        pytest.skip(f"ports {base}-{base + 1} taken meanwhile")
+        pytest.skip(f"no two consecutive free ports found: {error}")
+    base = server.base_port
     directory = server.directory
     assert server.port("good") == base + names.index("good")
     assert server.port("expired") == base + names.index("expired")

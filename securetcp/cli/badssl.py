@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 from typing import Any
 
@@ -78,7 +79,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             server.listen()
         except OSError as e:
-            raise CommandError(f"cannot listen on {args.host}: {e.strerror or e}") from e
+            where = "" if args.base_port is None else f" (ports from {args.base_port})"
+            raise CommandError(f"cannot listen on {args.host}{where}: {e.strerror or e}") from e
         if args.ca_out:
             try:
                 shutil.copyfile(server.ca_file, args.ca_out)
@@ -96,8 +98,6 @@ def _run(args: argparse.Namespace) -> int:
 
         server.run(ready)
     finally:
-        import asyncio
-
         asyncio.run(server.close())  # idempotent: removes the temporary PKI directory
     return 0
 

@@ -4,9 +4,10 @@ Each scenario is a `TCPServer` with its own ``ssl.SSLContext`` (used as
 given). After the handshake a connection gets a short HTTP answer when it
 sends an HTTP/1.x request or the HTTP/2 preface (so curl and browsers show
 the scenario), and an echo otherwise. The optional SNI port reads the TLS
-ClientHello, picks the scenario from the server name ``SCENARIO.badssl.test`` and passes the connection,
-untouched, to that scenario's port: so protocol versions, cipher suites and
-client authentication behave exactly as on the scenario's own port.
+ClientHello, picks the scenario from the server name ``SCENARIO.badssl.test``
+and passes the connection, untouched, to that scenario's port: so protocol
+versions, cipher suites and client authentication behave exactly as on the
+scenario's own port.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _TLS_VERSIONS = {
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
 _HTTP_REQUEST = re.compile(rb"^[A-Z]{3,10} \S+ HTTP/1\.[01]\r?\n")
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 _MAX_REQUEST_HEAD = 16384
 
 
@@ -184,7 +186,8 @@ class _ScenarioServer(TCPServer):
         try:
             data = await stream.read_bytes(65536, partial=True)
             if _HTTP_REQUEST.match(data):
-                while b"\r\n\r\n" not in data and len(data) < _MAX_REQUEST_HEAD:
+                # "\n\n": someone typing the request into s_client without -crlf.
+                while not _END_OF_HEAD.search(data) and len(data) < _MAX_REQUEST_HEAD:
                     data += await stream.read_bytes(65536, partial=True)
                 body = self._body(stream)
                 await stream.write(
@@ -249,6 +252,9 @@ class _SNIRouter(TCPServer):
     def __init__(self, routes: dict[str, tuple[str, int]], **keywords: Any) -> None:
         super().__init__(ssl_options=None, **keywords)
         self.routes = routes
+        #: Connections closed unrouted, by reason: "not_tls" (no parsable ClientHello),
+        #: "no_scenario" (no or unknown SNI name), "upstream" (scenario port unreachable).
+        self.refusals: dict[str, int] = {}
 
     def route(self, server_name: str | None) -> tuple[str, int] | None:
         """The scenario address for ``[anything.]SCENARIO.badssl.test``."""
@@ -262,24 +268,35 @@ class _SNIRouter(TCPServer):
                 return target
         return None
 
+    def _refuse(self, reason: str, address: Any, detail: object) -> None:
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        log.debug("SNI port: refused %s (%s): %s", address, reason, detail)
+
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Route one connection by its SNI name."""
         writer: asyncio.StreamWriter | None = None
         try:
             header = await asyncio.wait_for(stream.read_bytes(5), 10.0)
+            if header[0] != 0x16:
+                self._refuse("not_tls", address, header)
+                return
             record = header + await asyncio.wait_for(
                 stream.read_bytes(int.from_bytes(header[3:5], "big")), 10.0
             )
             try:
                 name = parse_client_hello_sni(record)
             except ValueError as e:
-                log.info("SNI port: %s from %s", e, address)
+                self._refuse("not_tls", address, e)
                 return
             target = self.route(name)
             if target is None:
-                log.info("SNI port: no scenario for server name %r from %s", name, address)
+                self._refuse("no_scenario", address, name)
                 return
-            reader, writer = await asyncio.open_connection(*target)
+            try:
+                reader, writer = await asyncio.open_connection(*target)
+            except OSError as e:
+                self._refuse("upstream", address, e)
+                return
             writer.write(record)
             await asyncio.gather(_pump_up(stream, writer), _pump_down(reader, stream))
         except (StreamClosedError, OSError, asyncio.TimeoutError):
@@ -324,7 +341,7 @@ class BadSSLServer:
     trust), ``crl.pem`` (the root's CRL, for the `revoked` scenario),
     ``client.pem``/``client.key`` (a client certificate from the CA) and each
     scenario's chain and key. Scenario ``i`` of the catalogue listens on
-    ``base_port + i`` (any free port when `base_port` is None). With
+    ``base_port + i`` (any free port when `base_port` is None or 0). With
     `sni_port`, all of them are also reachable on that one port, chosen by
     the SNI name `Scenario.sni_name()`. Scenarios the local OpenSSL cannot
     serve are left out and listed in `unavailable` with the reason.
@@ -362,6 +379,18 @@ class BadSSLServer:
             "idle_timeout": 60.0,
         }
 
+        try:
+            self._generate(names)
+        except BaseException:
+            if self._owns_directory:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+        self._servers: dict[str, _ScenarioServer] = {}
+        self._router: _SNIRouter | None = None
+        self._started = False
+
+    def _generate(self, names: list[str]) -> None:
+        """Make the PKI, write every file, build and probe every scenario's context."""
         self.pki = BadSSLPKI()
         self.ca_file = self.directory / "ca.pem"
         self.ca_file.write_bytes(self.pki.ca_pem())
@@ -394,10 +423,6 @@ class BadSSLServer:
         # After every recipe ran: the CRL lists the revoked leaves.
         self.crl_file = self.directory / "crl.pem"
         self.crl_file.write_bytes(self.pki.crl_pem())
-
-        self._servers: dict[str, _ScenarioServer] = {}
-        self._router: _SNIRouter | None = None
-        self._started = False
 
     # ---------------------------------------------------------------- facts
 
@@ -463,6 +488,11 @@ class BadSSLServer:
         }
 
     @property
+    def sni_refusals(self) -> dict[str, int]:
+        """Connections the SNI port closed unrouted, by reason (see `_SNIRouter.refusals`)."""
+        return {} if self._router is None else dict(self._router.refusals)
+
+    @property
     def bound_sni_port(self) -> int | None:
         """The SNI port actually listening (None without one)."""
         if self._router is None or not self._router.sockets:
@@ -486,7 +516,7 @@ class BadSSLServer:
                     continue
                 server = _ScenarioServer(SCENARIOS[name], self._contexts[name], **self._keywords)
                 self._servers[name] = server
-                port = 0 if self.base_port is None else self.base_port + index
+                port = self.base_port + index if self.base_port else 0
                 server.listen(port, self.host)
             if self.sni_port is not None:
                 target = _connect_host(self.host)
