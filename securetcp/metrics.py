@@ -42,6 +42,7 @@ __all__ = [
     "MetricsUnavailable",
     "StatsCollector",
     "metrics_port",
+    "require_prometheus_client",
     "serve_metrics",
 ]
 
@@ -52,7 +53,8 @@ class MetricsUnavailable(RuntimeError):
     """prometheus_client is not installed (``pip install 'securetcp[metrics]'``)."""
 
 
-def _prometheus() -> Any:
+def require_prometheus_client() -> Any:
+    """The prometheus_client module; MetricsUnavailable (saying what to install) without it."""
     try:
         import prometheus_client
     except ImportError:
@@ -131,7 +133,7 @@ class StatsCollector:
 
     def collect(self) -> Iterator[Any]:
         """One metric family per statistic, one sample per server."""
-        _prometheus()
+        require_prometheus_client()
         from prometheus_client import core
 
         extra = [] if self.task is None else ["task_id"]
@@ -206,7 +208,7 @@ def serve_metrics(
     MetricsUnavailable without prometheus_client and OSError if the port
     cannot be bound. ``stop()`` closes the endpoint and its thread.
     """
-    prometheus_client = _prometheus()
+    prometheus_client = require_prometheus_client()
     from prometheus_client.exposition import choose_encoder
 
     registry = prometheus_client.CollectorRegistry(auto_describe=False)

@@ -307,9 +307,11 @@ def test_client_certificates(certs: dict[str, Path], version: str) -> None:
         assert failures == {"certificate": 2}
 
 
-def test_usage_errors_exit_2() -> None:
+def test_usage_errors_exit_2(certs: dict[str, Path]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    client, stranger = str(certs["client"]), str(certs["stranger"])
     for args, phrase in [
+        (["127.0.0.1:1", "--cert", client, "--key", stranger], "does not match the certificate"),
         (["127.0.0.1:http"], "port 'http' is not a number"),
         (["127.0.0.1:70000"], "out of range"),
         (["127.0.0.1:1", "--ca", "/nonexistent/ca.pem"], "--ca: certificate file /nonexistent"),

@@ -343,10 +343,10 @@ def serve(
         raise CommandError("--loop uvloop needs uvloop: pip install 'securetcp[uvloop]'")
     metrics_port = getattr(args, "metrics_port", None)
     if metrics_port is not None:
-        from securetcp.metrics import MetricsUnavailable, _prometheus
+        from securetcp.metrics import MetricsUnavailable, require_prometheus_client
 
         try:
-            _prometheus()
+            require_prometheus_client()
         except MetricsUnavailable as e:
             raise CommandError(f"--metrics-port: {e}") from None
     processes = getattr(args, "processes", 1)

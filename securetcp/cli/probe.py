@@ -7,7 +7,12 @@ import os
 import ssl
 from typing import Any
 
-from securetcp.certs import CertificateFileError, load_pem_certificates, load_pem_private_key
+from securetcp.certs import (
+    CertificateFileError,
+    key_matches_certificate,
+    load_pem_certificates,
+    load_pem_private_key,
+)
 from securetcp.cli._common import (
     CheckFailed,
     CommandError,
@@ -40,8 +45,13 @@ def _check_files(args: argparse.Namespace) -> None:
         if args.ca is not None and not os.path.isdir(args.ca):
             load_pem_certificates(args.ca)
         if args.cert is not None:
-            load_pem_certificates(args.cert)
-            load_pem_private_key(args.key or args.cert)
+            leaf = load_pem_certificates(args.cert)[0]
+            key = load_pem_private_key(args.key or args.cert)
+            if not key_matches_certificate(key, leaf):
+                raise CommandError(
+                    f"--key {args.key or args.cert}: the private key does not match "
+                    f"the certificate in {args.cert}"
+                )
     except CertificateFileError as e:
         option = "--ca" if args.ca and str(args.ca) in str(e) else "--cert/--key"
         raise CommandError(f"{option}: {e}") from None
