@@ -37,11 +37,14 @@ TLS layer must see the ClientHello intact) works in either of two ways:
 
 Representation choices (the specification leaves them to the receiver):
 
-* ``source``/``destination`` are ``(host, port)``; ``host`` is the compressed
-  text form (``"192.0.2.1"``, ``"2001:db8::1"``). They are None when the
+* ``source``/``destination`` are ``(host, port)``; ``host`` is written as
+  ``socket.inet_ntop`` writes it, so as ``getpeername()`` would have given it
+  for a direct connection (``"192.0.2.1"``, ``"2001:db8::1"``,
+  ``"::ffff:192.0.2.1"``), whatever form a v1 line used. They are None when the
   sender says to use the connection's own endpoints: a LOCAL command, a v1
   ``UNKNOWN`` line, a v2 ``AF_UNSPEC`` family or ``UNSPEC`` transport.
-* ``AF_UNIX`` (v2) addresses are ``(path, 0)``: the 108-byte field up to its
+* ``AF_UNIX`` (v2) addresses are ``(path, 0)`` (to encode one, the path must
+  not read as an IP address): the 108-byte field up to its
   first NUL (``""`` for an unnamed socket, the usual client side), decoded
   with :func:`os.fsdecode`; an abstract-namespace name keeps its leading
   ``"\\0"`` (trailing NUL padding dropped).
@@ -64,6 +67,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -348,11 +352,10 @@ def _v1_header(line: bytes) -> ProxyHeader:
             f"PROXY v1 line: {protocol.decode()} needs 4 fields separated by single spaces "
             f"(addresses and ports), got {len(fields) - 2}"
         )
-    src, dst, sport, dport = (
-        decode(value, name)
-        for decode, value, name in zip(_V1_DECODERS[protocol], fields[2:], _V1_NAMES, strict=True)
-    )
-    return ProxyHeader(1, "PROXY", (str(src), int(sport)), (str(dst), int(dport)), {})
+    address = _v1_ipv4 if protocol == b"TCP4" else _v1_ipv6
+    source = (address(fields[2], _V1_NAMES[0]), _v1_port(fields[4], _V1_NAMES[2]))
+    destination = (address(fields[3], _V1_NAMES[1]), _v1_port(fields[5], _V1_NAMES[3]))
+    return ProxyHeader(1, "PROXY", source, destination, {})
 
 
 def _v1_ipv4(value: bytes, what: str) -> str:
@@ -368,8 +371,8 @@ def _v1_ipv6(value: bytes, what: str) -> str:
     try:
         if value.strip(_IPV6_FIELD[0]):
             raise ValueError
-        return str(ipaddress.IPv6Address(value.decode("ascii")))
-    except ValueError:
+        return socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, value.decode()))
+    except (OSError, ValueError):
         raise ProxyProtocolError(f"PROXY v1 line: bad {what} {_show(value)} for TCP6") from None
 
 
@@ -455,10 +458,10 @@ def _v2_addresses(family: int, body: bytes) -> tuple[Address, Address]:
         sport, dport = struct.unpack_from("!HH", body, 8)
         return (_ipv4_text(body[:4]), sport), (_ipv4_text(body[4:8]), dport)
     if family == _AF_INET6:
-        src, dst, sport, dport = struct.unpack_from("!16s16sHH", body)
+        sport, dport = struct.unpack_from("!HH", body, 32)
         return (
-            (str(ipaddress.IPv6Address(src)), sport),
-            (str(ipaddress.IPv6Address(dst)), dport),
+            (socket.inet_ntop(socket.AF_INET6, body[:16]), sport),
+            (socket.inet_ntop(socket.AF_INET6, body[16:32]), dport),
         )
     return (_unix_path(body[:_UNIX_PATH]), 0), (_unix_path(body[_UNIX_PATH : 2 * _UNIX_PATH]), 0)
 
@@ -585,17 +588,18 @@ def _encode_v1(source: Address | None, destination: Address | None) -> bytes:
     if family == _AF_UNIX:
         raise ProxyProtocolError("PROXY v1 cannot carry AF_UNIX addresses (use version 2)")
     protocol = "TCP4" if family == _AF_INET else "TCP6"
-    line = f"PROXY {protocol} {_v1_text(src)} {_v1_text(dst)} {sport} {dport}\r\n".encode()
-    _parse_v1(line)  # what is sent must parse
-    return line
+    return f"PROXY {protocol} {_v1_text(src)} {_v1_text(dst)} {sport} {dport}\r\n".encode()
 
 
-def _v1_text(host: str) -> str:
-    """`host` as a v1 line spells it: the specification's form is hex groups
-    only, and Python writes an IPv4-mapped address with a dotted tail."""
-    if ":" not in host or "." not in host:
-        return host
-    packed = ipaddress.IPv6Address(host).packed
+def _v1_text(packed: bytes) -> str:
+    """An address as a v1 line spells it."""
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    text = socket.inet_ntop(socket.AF_INET6, packed)
+    if "." not in text:
+        return text
+    # The specification's form is hex groups only; inet_ntop writes the
+    # tail of an IPv4-mapped or -compatible address dotted.
     return ":".join(f"{int.from_bytes(packed[i : i + 2], 'big'):x}" for i in range(0, 16, 2))
 
 
@@ -609,12 +613,9 @@ def _encode_v2(
         dst_family, dst, dport = _endpoint(destination, "destination")
         _same_family(family, dst_family)
         command, family_byte = 0x21, family << 4 | _TRANSPORT_STREAM
-        if family == _AF_UNIX:
-            addresses = _unix_field(src, "source") + _unix_field(dst, "destination")
-        else:
-            packed_src = ipaddress.ip_address(src).packed
-            packed_dst = ipaddress.ip_address(dst).packed
-            addresses = packed_src + packed_dst + struct.pack("!HH", sport, dport)
+        addresses = src + dst
+        if family != _AF_UNIX:
+            addresses += struct.pack("!HH", sport, dport)
         address_size = len(addresses)
     body = bytearray(addresses)
     for kind, value in tlvs.items():
@@ -634,12 +635,13 @@ def _encode_v2(
         checksum = crc32c(header).to_bytes(4, "big")
         offset = _crc_offset(header, address_size)
         header = header[:offset] + checksum + header[offset + 4 :]
-    _parse_v2(header)  # what is sent must parse: TLV values are checked alike
+    if tlvs:
+        _parse_v2(header)  # what is sent must parse: TLV values are checked alike
     return header
 
 
-def _endpoint(address: Address, what: str) -> tuple[int, str, int]:
-    """(family, host text, port) of an address to encode."""
+def _endpoint(address: Address, what: str) -> tuple[int, bytes, int]:
+    """(family, packed address or 108-byte AF_UNIX field, port) of an address to encode."""
     if not isinstance(address, tuple) or len(address) < 2:
         raise TypeError(f"{what} must be a (host, port) tuple, not {address!r}")
     host, port = address[0], address[1]
@@ -649,17 +651,19 @@ def _endpoint(address: Address, what: str) -> tuple[int, str, int]:
         host = str(host)
     if not isinstance(host, str):
         raise TypeError(f"{what} host must be a string, not {host!r}")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        if port != 0:
-            raise ProxyProtocolError(
-                f"{what} host {host!r} is not an IP address (an AF_UNIX path needs port 0)"
-            ) from None
-        return _AF_UNIX, host, 0
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+    # inet_pton: strict (no leading zeros, no scope) and far cheaper than ipaddress.
+    for family, af in ((_AF_INET, socket.AF_INET), (_AF_INET6, socket.AF_INET6)):
+        try:
+            return family, socket.inet_pton(af, host), port
+        except (OSError, ValueError):
+            pass
+    if ":" in host and "%" in host:
         raise ProxyProtocolError(f"{what} address {host!r}: a scope id cannot be carried")
-    return (_AF_INET if ip.version == 4 else _AF_INET6), str(ip), port
+    if port != 0:
+        raise ProxyProtocolError(
+            f"{what} host {host!r} is not an IP address (an AF_UNIX path needs port 0)"
+        )
+    return _AF_UNIX, _unix_field(host, what), 0
 
 
 def _same_family(source: int, destination: int) -> None:
