@@ -24,6 +24,10 @@ from typing import Any
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from securetcp import TCPServer, TLSConfig
 from securetcp.iostream import IOStream, StreamClosedError
@@ -141,6 +145,8 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write("future", ca.issue_cert("localhost", not_before=future))
     write("client", ca.issue_cert("client.example", common_name="client"))
     write("stranger", other.issue_cert("stranger.example", common_name="stranger"))
+    files["weak"] = d / "weak.pem"
+    files["weak"].write_bytes(weak_leaf(ca))
     self_signed = trustme.CA()  # a CA certificate used as the leaf: self-signed
     files["self_signed"] = d / "self-signed.pem"
     files["self_signed"].write_bytes(
@@ -149,9 +155,32 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+def weak_leaf(ca: trustme.CA) -> bytes:
+    """Key and certificate for localhost with a 1024-bit RSA key, which clients refuse."""
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = rsa.generate_private_key(65537, 1024)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem + cert.public_bytes(serialization.Encoding.PEM)
+
+
 def context_server(certfile: Path) -> Echo:
     """A server on a plain SSLContext: TLSConfig refuses to serve broken certificates."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # lets it load even a 1024-bit key
     context.load_cert_chain(str(certfile))
     return Echo(ssl_options=context)
 
@@ -247,6 +276,7 @@ def test_a_server_that_does_not_speak_tls() -> None:
         ("expired", ["--servername", "localhost"], "expired", "certificate has expired"),
         ("future", ["--servername", "localhost"], "not_yet_valid", "not yet valid"),
         ("self_signed", [], "self_signed", "self-signed certificate"),
+        ("weak", ["--servername", "localhost"], "weak_key", "key too weak"),
     ],
 )
 def test_certificates_that_do_not_verify(
