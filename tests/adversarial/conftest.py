@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from conftest import PKI
 
-from .helpers import ServerProcess, server_process, warmed_baseline
+from .helpers import KINDS, ServerProcess, target_process, warmed_baseline
 
 HANDSHAKE_TIMEOUT = 2.0
 """The attacked echo server's handshake_timeout (short, so slow attacks end soon)."""
@@ -29,11 +29,17 @@ def context(pki: PKI) -> ssl.SSLContext:
     return pki.client_context()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=KINDS)
 def echo(
-    pki: PKI, context: ssl.SSLContext, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    pki: PKI,
+    context: ssl.SSLContext,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Target]:
-    """securetcp's echo service in its own process, handshake_timeout 2 s."""
-    tmp = tmp_path_factory.mktemp("echo")
-    with server_process(pki, tmp, "--handshake-timeout", str(HANDSHAKE_TIMEOUT)) as server:
+    """securetcp's echo service, then its TLS proxy in front of a plain echo
+    upstream, each in its own process, handshake_timeout 2 s."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    with target_process(
+        request.param, pki, tmp, "--handshake-timeout", str(HANDSHAKE_TIMEOUT)
+    ) as server:
         yield Target(server, warmed_baseline(server, context))

@@ -152,6 +152,42 @@ def server_process(pki: Any, tmp_path: Path, *args: str) -> Iterator[ServerProce
         proc.wait(10)
 
 
+KINDS = ("echo", "proxy")
+"""The servers every case runs against: securetcp's echo service, and its TLS
+proxy in front of a plain echo upstream (tests/adversarial/upstream.py)."""
+
+
+@contextlib.contextmanager
+def upstream_process() -> Iterator[int]:
+    """A plain upstream for the proxy (echo, or misbehaving on request); its port."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVE.with_name("upstream.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        yield ready["port"]
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def target_process(kind: str, pki: Any, tmp_path: Path, *args: str) -> Iterator[ServerProcess]:
+    """`server_process` of the echo service, or of the proxy with its own upstream."""
+    if kind == "echo":
+        with server_process(pki, tmp_path, *args) as server:
+            yield server
+        return
+    with (
+        upstream_process() as port,
+        server_process(pki, tmp_path, "--upstream", f"{HOST}:{port}", *args) as server,
+    ):
+        yield server
+
+
 async def good_client(port: int, context: ssl.SSLContext, payload: bytes = b"ping\n") -> float:
     """A handshake and an echo round trip, bounded by GOOD_CLIENT_TIMEOUT; its duration."""
     start = time.monotonic()

@@ -30,6 +30,7 @@ from securetcp import TCPServer, TLSConfig, bind_sockets, fork_processes
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.process import task_id
 from securetcp.services.echo import EchoServer
+from securetcp.services.proxy import TLSProxy
 
 CHUNK = b"x" * 65536
 
@@ -48,6 +49,10 @@ class Announcing(TCPServer):
 
 class Echo(Announcing, EchoServer):
     """The echo service securetcp ships."""
+
+
+class Proxy(Announcing, TLSProxy):
+    """securetcp's TLS proxy (TLS termination in front of a plain upstream)."""
 
 
 class FirehoseServer(Announcing):
@@ -135,6 +140,8 @@ def main() -> None:
     parser.add_argument("--handler", choices=("echo", "firehose", "firehose-noawait"))
     parser.add_argument("--firehose-limit", type=int, default=256 * 1024 * 1024)
     parser.add_argument("--count-objects", action="store_true", help="for scripts/soak")
+    parser.add_argument("--upstream", help="HOST:PORT: run securetcp's TLSProxy to it")
+    parser.add_argument("--connect-timeout", type=float, default=5.0)
     args = parser.parse_args()
     global COUNT_OBJECTS
     COUNT_OBJECTS = args.count_objects
@@ -155,7 +162,11 @@ def main() -> None:
         "max_buffer_size": args.max_buffer_size,
     }
     server: Announcing
-    if args.handler in ("firehose", "firehose-noawait"):
+    if args.upstream:
+        server = Proxy(
+            args.upstream, ssl_options=tls, connect_timeout=args.connect_timeout, **keywords
+        )
+    elif args.handler in ("firehose", "firehose-noawait"):
         server = FirehoseServer(
             tls,
             await_writes=args.handler == "firehose",

@@ -10,9 +10,10 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
 from conftest import PKI
 
-from .helpers import HOST, apoll, good_client, proc_fds, server_process
+from .helpers import HOST, KINDS, apoll, good_client, proc_fds, target_process
 
 PROBE_TIMEOUT = 5.0
 
@@ -38,13 +39,14 @@ async def probe(port: int, context: ssl.SSLContext) -> str:
             await writer.wait_closed()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 async def test_worker_killed_under_fork_processes(
-    pki: PKI, context: ssl.SSLContext, tmp_path: Path
+    pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
 ) -> None:
     """SIGKILL one of two workers: it comes back with the same task id, and the
     listening socket accepts throughout (at most the one conversation the dead
     worker was serving is lost)."""
-    with server_process(pki, tmp_path, "--processes", "2") as server:
+    with target_process(kind, pki, tmp_path, "--processes", "2") as server:
         ready = [await asyncio.to_thread(server.wait_event, "ready", 1, task_id=t) for t in (0, 1)]
         victim, survivor = ready[0]["pid"], ready[1]["pid"]
         for _ in range(10):
@@ -97,11 +99,14 @@ async def test_worker_killed_under_fork_processes(
         assert status == 0, server.stderr()[-2000:]
 
 
-async def test_sigterm_during_transfers(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sigterm_during_transfers(
+    pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
+) -> None:
     """SIGTERM while 8 clients are mid-echo: no new connections, every byte sent
     before the signal comes back, then exit status 0."""
     clients, size = 8, 2 * 2**20
-    with server_process(pki, tmp_path) as server:
+    with target_process(kind, pki, tmp_path) as server:
         await good_client(server.port, context)
         conns = [
             await asyncio.open_connection(

@@ -21,7 +21,7 @@ from servers import raw_connect
 
 from . import tlswire
 from .conftest import HANDSHAKE_TIMEOUT
-from .helpers import HEAVY, after_attack, good_client, server_process, warmed_baseline
+from .helpers import HEAVY, KINDS, after_attack, good_client, target_process, warmed_baseline
 
 pytestmark = pytest.mark.skipif(
     not HEAVY, reason="heavy case: SECURETCP_HEAVY_TESTS=0 (scripts/test runs it on one Python)"
@@ -67,15 +67,20 @@ async def closed_by_server(sock: socket.socket, deadline: float) -> float:
     return time.monotonic()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("speaks", ["nothing", "half-a-hello"])
-async def test_slowloris(pki: PKI, context: ssl.SSLContext, tmp_path: Path, speaks: str) -> None:
+async def test_slowloris(
+    pki: PKI, context: ssl.SSLContext, tmp_path: Path, speaks: str, kind: str
+) -> None:
     """500 connections that never finish (or never start) a handshake.
 
     A good client is served within a second meanwhile, and the server closes
     every one of them by the handshake deadline (plus the kernel's
     TCP_DEFER_ACCEPT hold for the silent ones).
     """
-    with server_process(pki, tmp_path, "--handshake-timeout", str(HANDSHAKE_TIMEOUT)) as server:
+    with target_process(
+        kind, pki, tmp_path, "--handshake-timeout", str(HANDSHAKE_TIMEOUT)
+    ) as server:
         baseline = await asyncio.to_thread(warmed_baseline, server, context)
         start = time.monotonic()
         socks = await connect_many(server.port, SLOWLORIS)
@@ -100,10 +105,14 @@ async def test_slowloris(pki: PKI, context: ssl.SSLContext, tmp_path: Path, spea
         await after_attack(server, baseline, context)
 
 
-def test_flood_of_short_connections(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_flood_of_short_connections(
+    pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
+) -> None:
     """2,000 short TLS conversations from 4 processes against max_connections=50."""
     flood_py = Path(__file__).with_name("flood.py")
-    with server_process(
+    with target_process(
+        kind,
         pki,
         tmp_path,
         "--handshake-timeout",

@@ -1,0 +1,159 @@
+"""The TLS proxy against a misbehaving upstream: refusing, stalling, resetting, flooding.
+
+(Every other adversarial case also runs through the proxy: the fixtures of
+test_malformed, test_load and test_lifecycle are parametrized by KINDS.)
+Each case ends with the common check; "a good client" is served by the
+upstream's echo through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PKI
+from servers import MemoryTLSClient, raw_connect
+
+from .helpers import (
+    HOST,
+    ServerProcess,
+    after_attack,
+    apoll,
+    failures_delta,
+    good_client,
+    server_process,
+    upstream_process,
+    warmed_baseline,
+)
+
+IDLE = 2.0
+
+
+@pytest.fixture
+def proxy(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> Iterator[tuple[ServerProcess, int]]:
+    """The proxy (idle_timeout 2 s) in front of a misbehaving-on-request upstream."""
+    with (
+        upstream_process() as port,
+        server_process(
+            pki, tmp_path, "--upstream", f"{HOST}:{port}", "--idle-timeout", str(IDLE)
+        ) as server,
+    ):
+        yield server, warmed_baseline(server, context)
+
+
+async def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout):
+            data += chunk
+    return bytes(data)
+
+
+async def test_upstream_refuses(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
+    """Nothing listens upstream: each client is closed at once and counted."""
+    with socket.socket() as placeholder:
+        placeholder.bind((HOST, 0))
+        dead = placeholder.getsockname()[1]
+    with server_process(pki, tmp_path, "--upstream", f"{HOST}:{dead}") as server:
+        baseline = server.fds()
+        before = server.stats()
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection(
+                HOST, server.port, ssl=context, server_hostname="localhost"
+            )
+            writer.write(b"anyone?")
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                assert await asyncio.wait_for(reader.read(), 5.0) == b""
+            writer.close()
+        await apoll(lambda: server.stats()["active"] == 0, 5.0, "every client closed")
+        assert failures_delta(before, server.stats()) == {"upstream": 20}
+        await apoll(lambda: server.fds() <= baseline, 10.0, "descriptors back to baseline")
+
+
+@pytest.mark.xfail(strict=True, reason="defects.md R4: the upstream connection outlives the client")
+async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SSLContext) -> None:
+    """The upstream never reads: the client's bytes back up (bounded memory), and
+    idle_timeout ends the connection; a good client is served meanwhile."""
+    server, baseline = proxy
+    rss_before = server.rss()
+    sock = await raw_connect(server.port)
+    loop = asyncio.get_running_loop()
+
+    async def pump(client: MemoryTLSClient) -> None:
+        block = os.urandom(16384)
+        with contextlib.suppress(OSError):
+            for _ in range(4096):  # at most 1 GiB
+                await loop.sock_sendall(sock, client.records([block] * 16))
+
+    try:
+        client = await MemoryTLSClient.connect(sock, context)
+        await client.send(b"stall")
+        pumping = asyncio.ensure_future(pump(client))
+        peak = [rss_before]
+
+        def dropped() -> bool:
+            peak[0] = max(peak[0], server.rss())
+            return server.stats()["active"] == 0
+
+        await good_client(server.port, context)
+        await apoll(dropped, IDLE * 2 + 10.0, "the stalled connection to be dropped")
+        pumping.cancel()
+    finally:
+        sock.close()
+    growth = peak[0] - rss_before
+    print(f"stalled upstream: proxy RSS grew {growth / 2**20:.1f} MiB")
+    assert growth < 64 * 2**20
+    await after_attack(server, baseline, context)
+
+
+async def test_upstream_resets(proxy: tuple[ServerProcess, int], context: ssl.SSLContext) -> None:
+    """The upstream resets: the proxy closes the client at once and counts it."""
+    server, baseline = proxy
+    before = server.stats()
+    sock = await raw_connect(server.port)
+    try:
+        client = await MemoryTLSClient.connect(sock, context)
+        await client.send(b"reset")
+        # Aborted (a reset, as the upstream did) or closed: either way, at once.
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(client.recv(), 5.0) == b""
+    finally:
+        sock.close()
+    await apoll(lambda: sum(failures_delta(before, server.stats()).values()) >= 1, 5.0, "a count")
+    assert set(failures_delta(before, server.stats())) <= {"upstream_reset", "upstream"}
+    await after_attack(server, baseline, context)
+
+
+async def test_upstream_floods_a_client_that_never_reads(
+    proxy: tuple[ServerProcess, int], context: ssl.SSLContext
+) -> None:
+    """The upstream writes without end to a client that never reads: the proxy's
+    memory stays bounded and idle_timeout drops the connection."""
+    server, baseline = proxy
+    rss_before = server.rss()
+    sock = await raw_connect(server.port)
+    try:
+        client = await MemoryTLSClient.connect(sock, context)
+        await client.send(b"flood")
+        peak = [rss_before]
+
+        def dropped() -> bool:
+            peak[0] = max(peak[0], server.rss())
+            return server.stats()["active"] == 0
+
+        await apoll(lambda: server.stats()["bytes_sent"] > 2**20, 5.0, "the flood to start")
+        await good_client(server.port, context)
+        await apoll(dropped, IDLE * 2 + 10.0, "the flooded connection to be dropped")
+    finally:
+        sock.close()
+    growth = peak[0] - rss_before
+    print(f"flooding upstream: proxy RSS grew {growth / 2**20:.1f} MiB")
+    assert growth < 64 * 2**20
+    await after_attack(server, baseline, context)
