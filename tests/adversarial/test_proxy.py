@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +158,65 @@ async def test_upstream_floods_a_client_that_never_reads(
     print(f"flooding upstream: proxy RSS grew {growth / 2**20:.1f} MiB")
     assert growth < 64 * 2**20
     await after_attack(server, baseline, context)
+
+
+async def test_proxy_out_of_descriptors(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
+    """RLIMIT_NOFILE lowered: once the proxy cannot open upstream sockets (or
+    accept), clients are refused cleanly, the CPU stays low, and it serves
+    again when descriptors free up."""
+    with (
+        upstream_process() as port,
+        server_process(
+            pki, tmp_path, "--upstream", f"{HOST}:{port}", "--nofile-headroom", "12"
+        ) as server,
+    ):
+        baseline = await asyncio.to_thread(warmed_baseline, server, context)
+        before = server.stats()
+        release = asyncio.Event()
+        outcomes: list[str] = []
+
+        async def hold() -> None:
+            reader, writer = await asyncio.open_connection(
+                HOST, server.port, ssl=context, server_hostname="localhost"
+            )
+            try:
+                writer.write(b"hold\n")
+                try:
+                    served = await asyncio.wait_for(reader.readexactly(5), 10) == b"hold\n"
+                except (asyncio.IncompleteReadError, ConnectionResetError, ssl.SSLError):
+                    outcomes.append("refused")
+                    return
+                outcomes.append("served" if served else "wrong echo")
+                await release.wait()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
+
+        held: list[asyncio.Task[None]] = []
+        try:
+            for i in range(30):
+                held.append(asyncio.ensure_future(hold()))
+                await apoll(
+                    lambda: len(outcomes) > i or "Too many open files" in server.stderr(),  # noqa: B023
+                    10.0,
+                    "the connection to be served or refused",
+                )
+                if "refused" in outcomes or "Too many open files" in server.stderr():
+                    break
+            else:
+                raise AssertionError("the proxy never ran out of descriptors")
+            held += [asyncio.ensure_future(hold()) for _ in range(3)]
+            cpu, wall = server.cpu(), time.monotonic()
+            await asyncio.sleep(2.0)  # the measurement window
+            ratio = (server.cpu() - cpu) / (time.monotonic() - wall)
+            print(f"proxy CPU while out of descriptors: {ratio:.1%} of one core; {outcomes}")
+            assert ratio < 0.25
+        finally:
+            release.set()
+        await asyncio.wait_for(asyncio.gather(*held), 30)
+        assert set(outcomes) <= {"served", "refused"}, outcomes
+        assert outcomes.count("served") >= 5
+        if "refused" in outcomes:
+            assert failures_delta(before, server.stats()).get("upstream", 0) >= 1
+        await after_attack(server, baseline, context)
