@@ -395,3 +395,61 @@ def test_gnutls_through_the_sni_port(sni_badssl: BadSSLTestServer, name: str) ->
         ]
     )
     assert gnutls_outcome(scenario, status, output) == scenario.expect_for("gnutls")
+
+
+# -- the observed table, for the README and the issue -----------------------------------------
+
+
+def observed_table() -> str:
+    """Every client's observed outcome on every scenario, as a markdown table.
+
+    A cell in bold differs from what the scenario declares for that client.
+    """
+    import ssl
+
+    import test_badssl as python_client
+
+    def cell(seen: str, declared: str) -> str:
+        return f"`{seen}`" if seen == declared else f"**`{seen}`** (declared `{declared}`)"
+
+    rows = [
+        "| scenario | Python `ssl` | `openssl s_client` | `gnutls-cli` | `curl` |",
+        "|---|---|---|---|---|",
+    ]
+    with BadSSLTestServer() as badssl:
+        for name, scenario in SCENARIOS.items():
+            python = python_client.connect(
+                badssl.port(name),
+                scenario.server_name,
+                python_client.default_context(badssl.ca_file),
+            ).outcome
+            seen = {
+                "python": python,
+                "openssl": openssl_outcome(scenario, *s_client(badssl, scenario)),
+                "gnutls": gnutls_outcome(scenario, *gnutls_cli(badssl, scenario)),
+                "curl": curl_outcome(scenario, *curl(badssl, scenario)),
+            }
+            cells = [cell(seen[c], scenario.expect_for(c)) for c in seen]
+            if name == "revoked":
+                context = python_client.default_context(badssl.ca_file)
+                context.load_verify_locations(badssl.crl_file)
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+                crl = badssl.crl_file
+                with_crl = [
+                    python_client.connect(badssl.port(name), "localhost", context).outcome,
+                    openssl_outcome(
+                        scenario, *s_client(badssl, scenario, "-CRL", crl, "-crl_check")
+                    ),
+                    gnutls_outcome(scenario, *gnutls_cli(badssl, scenario, "--x509crlfile", crl)),
+                    curl_outcome(scenario, *curl(badssl, scenario, "--crlfile", crl)),
+                ]
+                cells = [
+                    f"{c}; with the CRL {cell(r, 'revoked')}"
+                    for c, r in zip(cells, with_crl, strict=True)
+                ]
+            rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/test_badssl_peers.py
+    print(observed_table())

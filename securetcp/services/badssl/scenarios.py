@@ -90,7 +90,6 @@ VERIFY_CODE_OUTCOMES: Mapping[int, str] = MappingProxyType(
 #: The clients a scenario may give its own expectation for.
 CLIENTS = ("python", "openssl", "gnutls", "curl")
 
-Client: TypeAlias = Literal["python", "openssl", "gnutls", "curl"]
 TLSVersionName: TypeAlias = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 
 
