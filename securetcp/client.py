@@ -330,7 +330,8 @@ async def _connect_socket(
         raise socket.gaierror(
             exc.errno, f"cannot resolve {host!r} (connecting to {where}): {exc.strerror}"
         ) from None
-    errors: list[tuple[str, OSError]] = []
+    # (address tried, what failed if not the connect itself, the error)
+    errors: list[tuple[str, str, OSError]] = []
     for family, type_, proto, _, address in infos:
         label = _format_where(str(address[0]), port)
         sock = socket.socket(family, type_, proto)
@@ -340,12 +341,12 @@ async def _connect_socket(
                 try:
                     sock.bind(source_address)
                 except OSError as exc:
-                    errors.append((f"{label}: cannot bind to {source_address!r}", exc))
+                    errors.append((label, f"cannot bind to {source_address!r}: ", exc))
                     sock.close()
                     continue
             await deadline.run(loop.sock_connect(sock, address), "connecting to")
         except OSError as exc:
-            errors.append((label, exc))
+            errors.append((label, "", exc))
             sock.close()
             continue
         except BaseException:
@@ -360,7 +361,7 @@ async def _connect_socket(
     raise _connect_failure(where, errors)
 
 
-def _connect_failure(where: str, errors: list[tuple[str, OSError]]) -> OSError:
+def _connect_failure(where: str, errors: list[tuple[str, str, OSError]]) -> OSError:
     """One exception for every address that failed: the class of the last error."""
     if not errors:  # getaddrinfo never returns an empty list, but be clear if it did
         return ConnectionError(f"connecting to {where}: no address to connect to")
@@ -369,11 +370,11 @@ def _connect_failure(where: str, errors: list[tuple[str, OSError]]) -> OSError:
         # asyncio's sock_connect words every error "connect call failed (...)".
         return (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
 
-    last = errors[-1][1]
+    last = errors[-1][2]
     if len(errors) == 1:
-        message = f"connecting to {where}: {reason(last)}"
+        message = f"connecting to {where}: {errors[0][1]}{reason(last)}"
     else:
-        tried = "; ".join(f"{label} {reason(exc)}" for label, exc in errors)
+        tried = "; ".join(f"{label} {what}{reason(exc)}" for label, what, exc in errors)
         message = f"connecting to {where}: every address failed ({tried})"
     return _os_error(last, message)
 

@@ -130,6 +130,16 @@ async def test_source_address(no_fd_leak: None) -> None:
             stream.close()
 
 
+async def test_source_address_that_is_not_ours(no_fd_leak: None) -> None:
+    async with serving(EchoServer()) as port:
+        with pytest.raises(ConnectionError) as info:
+            # TEST-NET-1 is nobody's local address: bind() fails, nothing is sent.
+            await connect(HOST, port, source_address=("192.0.2.1", 0), timeout=None)
+        message = str(info.value)
+        assert f"{HOST}:{port}" in message and "192.0.2.1" in message
+        assert "cannot bind" in message
+
+
 async def test_max_buffer_size_is_passed_on(no_fd_leak: None) -> None:
     async with serving(EchoServer()) as port:
         stream = await connect(HOST, port, max_buffer_size=16)
