@@ -1,21 +1,30 @@
-"""A small certificate authority built directly with cryptography.
+"""Every certificate the engine tests use is made here, at run time, into a directory.
 
-trustme covers most tests, but some need what it cannot make: URI (SPIFFE)
-subject alternative names, and leaves that strict path validators such as
-the one sslyze uses (cryptography's RFC 5280 verifier) accept, with a
-lifespan Mozilla's guidelines allow (90 days). Keys are ECDSA P-256 by
-default, or RSA 2048; files are written into a directory (a tmp_path).
+* `PKI`: a trustme CA whose leaves (``pair``/``issue``) are written as
+  ``<name>.pem`` (the chain) and ``<name>.key``; ``server_and_client()``
+  adds a server certificate for localhost/127.0.0.1/::1 and a client one
+  (`make_pki`, conftest's session ``pki`` fixture).
+* `CertBuilder`: a CA built directly with cryptography, for what trustme
+  cannot make: URI (SPIFFE) subject alternative names, and leaves that strict
+  path validators such as the one sslyze uses (cryptography's RFC 5280
+  verifier) accept, with a lifespan Mozilla's guidelines allow (90 days).
+  Keys are ECDSA P-256 by default, or RSA 2048.
+* `self_signed`: a one-off certificate with whatever odd property a test
+  needs (dated, a weak key, no subject), not written anywhere.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -42,8 +51,150 @@ def _key_pem(key: PrivateKey) -> bytes:
     )
 
 
+def utcnow() -> datetime.datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return utcnow().replace(microsecond=0)
+
+
+def leaf_of(der: bytes | None) -> x509.Certificate:
+    """The certificate in DER form `der` (which must be there)."""
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+Pair: TypeAlias = "tuple[Path, Path]"
+
+
+def client_context(
+    ca_file: Path,
+    cert: Pair | None = None,
+    *,
+    minimum: ssl.TLSVersion | None = None,
+    maximum: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    """A client context trusting `ca_file`, optionally presenting `cert`."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if cert is not None:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    if minimum is not None:
+        context.minimum_version = minimum
+    if maximum is not None:
+        with warnings.catch_warnings():  # TLS 1.0/1.1 are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.maximum_version = maximum
+    return context
+
+
+# ------------------------------------------------------------------ trustme
+
+
+class PKI:
+    """A trustme CA in ``directory`` (``<name>.pem``) that writes leaves there.
+
+    After `server_and_client` (what `make_pki` does) it also holds a server
+    certificate for localhost, 127.0.0.1 and ::1 (``server.pem``/``.key``) and
+    a client certificate (``client.pem``/``.key``, CN test-client).
+    """
+
+    server: trustme.LeafCert
+    client: trustme.LeafCert
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
+
+    def __init__(self, directory: Path, name: str = "ca", **ca_options: Any) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca = trustme.CA(**ca_options)
+        self.ca_file = self.dir / f"{name}.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+
+    def issue(self, name: str, *identities: str, **kwargs: Any) -> trustme.LeafCert:
+        """Issue a leaf for `identities` (default localhost); write name.pem (chain) and name.key.
+
+        `kwargs` go to `trustme.CA.issue_cert` (common_name, not_before, not_after, key_type).
+        """
+        leaf = self.ca.issue_cert(*(identities or ("localhost",)), **kwargs)
+        (self.dir / f"{name}.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        (self.dir / f"{name}.key").write_bytes(leaf.private_key_pem.bytes())
+        return leaf
+
+    def pair(self, name: str, *identities: str, **kwargs: Any) -> Pair:
+        """Like `issue`; returns (certfile, keyfile)."""
+        self.issue(name, *identities, **kwargs)
+        return self.dir / f"{name}.pem", self.dir / f"{name}.key"
+
+    def server_and_client(self) -> PKI:
+        """Issue the server and client certificates described above; returns self."""
+        self.server = self.issue("server", "localhost", "127.0.0.1", "::1")
+        self.client = self.issue("client", "client@example.org", common_name="test-client")
+        self.cert_file, self.key_file = self.dir / "server.pem", self.dir / "server.key"
+        self.client_cert_file = self.dir / "client.pem"
+        self.client_key_file = self.dir / "client.key"
+        return self
+
+    def client_context(
+        self,
+        cert: Pair | None = None,
+        *,
+        with_client_cert: bool = False,
+        minimum: ssl.TLSVersion | None = None,
+        maximum: ssl.TLSVersion | None = None,
+    ) -> ssl.SSLContext:
+        """A client context trusting this CA, presenting `cert` (or, with
+        `with_client_cert`, the client certificate)."""
+        if with_client_cert:
+            cert = (self.client_cert_file, self.client_key_file)
+        return client_context(self.ca_file, cert, minimum=minimum, maximum=maximum)
+
+    def ssl_options(self, **extra: Any) -> dict[str, Any]:
+        """Tornado-style ssl_options for the server certificate."""
+        return {"certfile": str(self.cert_file), "keyfile": str(self.key_file), **extra}
+
+
+def make_pki(directory: Path, **ca_options: Any) -> PKI:
+    """A trustme CA with the server and client certificates, written to `directory`."""
+    return PKI(directory, **ca_options).server_and_client()
+
+
+# --------------------------------------------------------------- cryptography
+
+
+def self_signed(
+    key: PrivateKey,
+    *,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    san: list[x509.GeneralName] | None = None,
+    common_name: str | None = "peer",
+    serial: int = 1234,
+) -> x509.Certificate:
+    """A certificate for `key`, signed by it, with no extensions but `san`."""
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "issuer")]))
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def pem_pair(cert: x509.Certificate, key: PrivateKey) -> bytes:
+    """`cert` and `key` as one PEM file (what a combined certfile holds)."""
+    return cert.public_bytes(serialization.Encoding.PEM) + _key_pem(key)
 
 
 @dataclass(frozen=True)

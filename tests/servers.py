@@ -8,6 +8,7 @@ deadline and fails when it passes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import queue
@@ -26,7 +27,7 @@ from typing import Any
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, SSLIOStream
 from securetcp.services import echo as services_echo
-from securetcp.tcpserver import TCPServer
+from securetcp.tcpserver import ServerStats, TCPServer
 
 HOST = "127.0.0.1"
 
@@ -321,15 +322,89 @@ class ServerThread:
         assert not self._thread.is_alive(), "server thread did not stop"
         assert self._error is None, self._error
 
-    def wait_until(
-        self, predicate: Callable[[], object], timeout: float = 5.0, message: str = "condition"
-    ) -> None:
-        """Poll `predicate` (e.g. on ``server.stats``) from the test's thread."""
+    @property
+    def stats(self) -> ServerStats:
+        """The server's stats, read on its own loop."""
+        assert self._loop is not None
+        done: concurrent.futures.Future[ServerStats] = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(lambda: done.set_result(self.server.stats))
+        return done.result(self._timeout)
+
+    def handled(self, timeout: float = 5.0) -> Handled:
+        """The next connection that reached an `EchoServer`'s `handle_stream`."""
+        assert isinstance(self.server, EchoServer)
+        return self.server.handled.get(timeout=timeout)
+
+    def wait_for_failures(self, expected: dict[str, int], timeout: float = 5.0) -> None:
+        """Wait until ``stats.failures`` (failed handshakes by kind) is `expected`."""
         deadline = time.monotonic() + timeout
-        while not predicate():
+        while (failures := self.stats.failures) != expected:
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+                raise AssertionError(f"failures are {failures}, not {expected}, after {timeout} s")
             time.sleep(0.005)  # polling interval, not a wait for the condition
+
+
+# ------------------------------------------------------- blocking clients
+
+#: Bound on each blocking client's socket operations and subprocesses.
+TIMEOUT = 5.0
+OPENSSL = "/usr/bin/openssl"
+
+
+@dataclass
+class ClientResult:
+    """What a blocking client saw of one TLS conversation with an echo server."""
+
+    version: str | None
+    cipher: tuple[str, str, int] | None
+    alpn: str | None
+    peer_der: bytes | None
+    data: bytes
+    session: ssl.SSLSession | None
+
+
+def tls_connect(
+    port: int,
+    context: ssl.SSLContext,
+    server_hostname: str | None = "localhost",
+    payload: bytes = b"hello",
+) -> ClientResult:
+    """Handshake with an echo server, send `payload`, read it back (`data`).
+
+    Raises `ssl.SSLError` (or an `OSError`) when the server refuses: with
+    TLS 1.3 a refused client certificate shows only when reading.
+    """
+    with (
+        socket.create_connection((HOST, port), timeout=TIMEOUT) as raw,
+        context.wrap_socket(raw, server_hostname=server_hostname) as tls,
+    ):
+        tls.sendall(payload)
+        data = bytearray()
+        while len(data) < len(payload):
+            chunk = tls.recv(len(payload) - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return ClientResult(
+            version=tls.version(),
+            cipher=tls.cipher(),
+            alpn=tls.selected_alpn_protocol(),
+            peer_der=tls.getpeercert(binary_form=True),
+            data=bytes(data),
+            session=tls.session,
+        )
+
+
+def s_client(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``openssl s_client`` against the server (no verification)."""
+    return subprocess.run(
+        [OPENSSL, "s_client", "-connect", f"{HOST}:{port}", "-brief", *args],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 2,
+        check=False,
+    )
 
 
 @contextlib.asynccontextmanager

@@ -6,19 +6,17 @@ import dataclasses
 import datetime
 import ipaddress
 import os
-import socket
 import ssl
 import stat
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
+from certbuilder import PKI, self_signed, utcnow
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
-from tlshelpers import OPENSSL, PKI, TIMEOUT, utcnow
+from servers import OPENSSL, TIMEOUT, EchoServer, ServerThread, tls_connect
 
 from securetcp import certs
 from securetcp.certs import CertificateFileError
@@ -154,32 +152,6 @@ def test_key_matches_certificate(pki: PKI) -> None:
 # -- validity and warnings -----------------------------------------------------
 
 
-def self_signed(
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
-    *,
-    not_before: datetime.datetime,
-    not_after: datetime.datetime,
-    san: list[x509.GeneralName] | None = None,
-    common_name: str | None = "peer",
-    serial: int = 1234,
-) -> x509.Certificate:
-    subject = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "issuer")]))
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-    )
-    if san is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def ec_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -312,29 +284,10 @@ def test_write_dev_certs_mutual_tls_handshake(tmp_path: Path) -> None:
     client_ctx = ssl.create_default_context(cafile=str(paths.ca))
     client_ctx.load_cert_chain(paths.client_cert, paths.client_key)
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    seen: list[bytes | None] = []
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(TIMEOUT)
-        with server_ctx.wrap_socket(conn, server_side=True) as tls:
-            seen.append(tls.getpeercert(binary_form=True))
-            tls.sendall(b"ok")
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        with (
-            socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as raw,
-            client_ctx.wrap_socket(raw, server_hostname="localhost") as tls,
-        ):
-            assert tls.recv(2) == b"ok"
-    finally:
-        thread.join(TIMEOUT)
-        listener.close()
-    assert seen and seen[0] is not None
+    with ServerThread(EchoServer(server_ctx)) as server:
+        assert tls_connect(server.port, client_ctx).data == b"hello"
+        identity = server.handled().identity
+    assert identity is not None and identity.common_name == "securetcp-dev-client"
 
 
 def test_write_dev_certs_skips_then_overwrites(tmp_path: Path) -> None:

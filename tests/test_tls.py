@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from certbuilder import PKI, leaf_of, utcnow
 from cryptography.hazmat.primitives import serialization
-from tlshelpers import PKI, TLSServerThread, connect, leaf_of, utcnow
+from servers import EchoServer, ServerThread, tls_connect
 
 from securetcp.tls import (
     SSL_OPTIONS_KEYS,
@@ -164,24 +165,24 @@ def test_dict_context_serves_tls(pki: PKI, pair: tuple[Path, Path]) -> None:
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.options & ssl.OP_NO_COMPRESSION
     assert context.options & ssl.OP_NO_RENEGOTIATION
-    with TLSServerThread(context) as server:
-        result = connect(server.port, pki.client_context())
+    with ServerThread(EchoServer(context)) as server:
+        result = tls_connect(server.port, pki.client_context())
         assert result.data == b"hello"
         assert (
             leaf_of(result.peer_der).serial_number
             == leaf_of(ssl.PEM_cert_to_DER_cert(pair[0].read_text())).serial_number
         )
-        assert server.result().error is None
+        assert server.handled().version == "TLSv1.3"
         with pytest.raises(ssl.SSLError):
-            connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_1))
-        assert server.result().error is not None
+            tls_connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_1))
+        server.wait_for_failures({"protocol": 1})
 
 
 def test_dict_ciphers_are_applied(pki: PKI, pair: tuple[Path, Path]) -> None:
     context = ssl_options_to_context(options(pair, ciphers="ECDHE+AESGCM"))
-    with TLSServerThread(context) as server:
+    with ServerThread(EchoServer(context)) as server:
         client = pki.client_context(maximum=ssl.TLSVersion.TLSv1_2)
-        result = connect(server.port, client)
+        result = tls_connect(server.port, client)
         assert result.cipher is not None and "GCM" in result.cipher[0]
 
 
@@ -191,12 +192,13 @@ def test_dict_client_certificates(pki: PKI, pair: tuple[Path, Path]) -> None:
         options(pair, cert_reqs=ssl.CERT_REQUIRED, ca_certs=str(pki.ca_file))
     )
     assert context.verify_mode == ssl.CERT_REQUIRED
-    with TLSServerThread(context) as server:
-        assert connect(server.port, pki.client_context(client_pair)).data == b"hello"
-        assert server.result().peer_der is not None
+    with ServerThread(EchoServer(context)) as server:
+        assert tls_connect(server.port, pki.client_context(client_pair)).data == b"hello"
+        identity = server.handled().identity
+        assert identity is not None and identity.dns_names == ("client.example",)
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            connect(server.port, pki.client_context()).data  # noqa: B018
-        assert isinstance(server.result().error, ssl.SSLError)
+            tls_connect(server.port, pki.client_context())
+        server.wait_for_failures({"certificate": 1})
 
 
 def test_dict_ca_certs_directory(pki: PKI, pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -216,9 +218,9 @@ def test_dict_honours_sslkeylogfile(
     keylog = tmp_path / "keys.log"
     monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
     context = ssl_options_to_context(options(pair))
-    with TLSServerThread(context) as server:
-        connect(server.port, pki.client_context())
-        server.result()
+    with ServerThread(EchoServer(context)) as server:
+        tls_connect(server.port, pki.client_context())
+        server.handled()
     assert "SERVER_TRAFFIC_SECRET_0" in keylog.read_text()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -12,14 +13,13 @@ from typing import Any
 
 import pytest
 import trustme
+from certbuilder import PKI, leaf_of, pem_pair, self_signed, utcnow
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
-from tlshelpers import PKI, TLSServerThread, connect, leaf_of, s_client, utcnow
+from servers import EchoServer, ServerThread, s_client, tls_connect
 
 from securetcp import _tls_groups
-from securetcp.certs import peer_identity_from_der
 from securetcp.tls import MOZILLA_GROUPS, SSLOptionsError, TLSConfig, make_server_tls
 
 Pair = tuple[Path, Path]
@@ -116,33 +116,21 @@ def test_encrypted_key_password(pair: Pair, pki: PKI, tmp_path: Path) -> None:
     assert "needs a password" in config_error(pair[0], encrypted)
     assert "wrong password" in config_error(pair[0], encrypted, password="nope")
     config = TLSConfig(pair[0], encrypted, password="hunter2")
-    with TLSServerThread(config) as server:
-        assert connect(server.port, pki.client_context()).data == b"hello"
+    with ServerThread(EchoServer(config)) as server:
+        assert tls_connect(server.port, pki.client_context()).data == b"hello"
 
 
 def test_weak_rsa_key_refused(tmp_path: Path) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
     now = utcnow()
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=90))
-        .sign(key, hashes.SHA256())
+    cert = self_signed(
+        key,
+        not_before=now - datetime.timedelta(days=1),
+        not_after=now + datetime.timedelta(days=90),
+        common_name="weak",
     )
     path = tmp_path / "weak.pem"
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    path.write_bytes(pem_pair(cert, key))
     # OpenSSL's security level refuses the key outright: a clear error, not a warning.
     message = config_error(path)
     assert "TLSConfig certfile" in message and "too small" in message
@@ -164,21 +152,21 @@ def test_intermediate_profile(pki: PKI, pair: Pair) -> None:
     config = TLSConfig(*pair)
     assert not config.context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
     assert config.context.options & ssl.OP_NO_COMPRESSION
-    with TLSServerThread(config) as server:
-        tls13 = connect(server.port, pki.client_context())
+    with ServerThread(EchoServer(config)) as server:
+        tls13 = tls_connect(server.port, pki.client_context())
         assert tls13.version == "TLSv1.3"
         client12 = pki.client_context(maximum=ssl.TLSVersion.TLSv1_2)
         # The client's first choice wins (no server preference, as Mozilla advises).
         client12.set_ciphers("ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256")
-        tls12 = connect(server.port, client12)
+        tls12 = tls_connect(server.port, client12)
         assert tls12.version == "TLSv1.2"
         assert tls12.cipher is not None and tls12.cipher[0] == "ECDHE-ECDSA-CHACHA20-POLY1305"
         with pytest.raises(ssl.SSLError):
-            connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_1))
+            tls_connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_1))
         cbc_only = pki.client_context(maximum=ssl.TLSVersion.TLSv1_2)
         cbc_only.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA384")
         with pytest.raises(ssl.SSLError):
-            connect(server.port, cbc_only)
+            tls_connect(server.port, cbc_only)
     offered = {c["name"] for c in config.context.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert offered and all("GCM" in c or "CHACHA20" in c for c in offered)
     assert all(c.startswith("ECDHE-") for c in offered)
@@ -186,12 +174,12 @@ def test_intermediate_profile(pki: PKI, pair: Pair) -> None:
 
 def test_modern_profile_is_tls13_only(pki: PKI, pair: Pair) -> None:
     config = TLSConfig(*pair, profile="modern")
-    with TLSServerThread(config) as server:
-        assert connect(server.port, pki.client_context()).version == "TLSv1.3"
-        assert server.result().version == "TLSv1.3"
+    with ServerThread(EchoServer(config)) as server:
+        assert tls_connect(server.port, pki.client_context()).version == "TLSv1.3"
+        assert server.handled().version == "TLSv1.3"
         with pytest.raises(ssl.SSLError):
-            connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_2))
-        assert isinstance(server.result().error, ssl.SSLError)
+            tls_connect(server.port, pki.client_context(maximum=ssl.TLSVersion.TLSv1_2))
+        server.wait_for_failures({"protocol": 1})
 
 
 def handshake_ok(result: Any) -> bool:
@@ -203,7 +191,7 @@ def test_groups_offered_with_openssl_s_client(tmp_path: Path, version: str) -> N
     # An RSA certificate, so that in TLS 1.2 only the key exchange depends on the groups.
     pki = PKI(tmp_path, key_type=trustme.KeyType.RSA)
     pair = pki.pair("server", "localhost", key_type=trustme.KeyType.RSA)
-    with TLSServerThread(TLSConfig(*pair)) as server:
+    with ServerThread(EchoServer(TLSConfig(*pair))) as server:
         for refused in ("secp521r1", "X448", "ffdhe2048"):
             assert not handshake_ok(s_client(server.port, version, "-groups", refused)), refused
         for group in ("X25519", "prime256v1", "secp384r1"):
@@ -217,19 +205,19 @@ def test_stock_context_would_accept_secp521r1(pair: Pair) -> None:
     """Control: the refusal above comes from TLSConfig, not from this OpenSSL."""
     stock = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     stock.load_cert_chain(*pair)
-    with TLSServerThread(stock) as server:
+    with ServerThread(EchoServer(stock)) as server:
         assert handshake_ok(s_client(server.port, "-groups", "secp521r1"))
 
 
 def test_groups_python_client(pki: PKI, pair: Pair) -> None:
-    with TLSServerThread(TLSConfig(*pair, profile="modern")) as server:
+    with ServerThread(EchoServer(TLSConfig(*pair, profile="modern"))) as server:
         client = pki.client_context()
         client.set_ecdh_curve("secp521r1")
         with pytest.raises(ssl.SSLError):
-            connect(server.port, client)
+            tls_connect(server.port, client)
         client = pki.client_context()
         client.set_ecdh_curve("X25519")
-        assert connect(server.port, client).data == b"hello"
+        assert tls_connect(server.port, client).data == b"hello"
 
 
 def test_groups_set_through_this_python() -> None:
@@ -237,7 +225,35 @@ def test_groups_set_through_this_python() -> None:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     assert _tls_groups.set_groups(context, MOZILLA_GROUPS) is True
-    assert _tls_groups._offered_groups(context) == (0x001D, 0x0017, 0x0018)
+    assert _tls_groups.groups_backend() in ("native", "ctypes")
+    # x25519, secp256r1, secp384r1, read from the ClientHello this context sends.
+    assert offered_groups(context) == [0x001D, 0x0017, 0x0018]
+
+
+def offered_groups(context: ssl.SSLContext) -> list[int]:
+    """The supported_groups extension of the ClientHello `context` sends.
+
+    Parsed here, independently of securetcp: record and handshake headers,
+    version, random, session id, cipher suites, compression, then extensions.
+    """
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    pos = 5 + 4 + 2 + 32
+    pos += 1 + hello[pos]  # session id
+    pos += 2 + int.from_bytes(hello[pos : pos + 2], "big")  # cipher suites
+    pos += 1 + hello[pos]  # compression methods
+    end = pos + 2 + int.from_bytes(hello[pos : pos + 2], "big")
+    pos += 2
+    while pos < end:
+        kind = int.from_bytes(hello[pos : pos + 2], "big")
+        size = int.from_bytes(hello[pos + 2 : pos + 4], "big")
+        body = hello[pos + 4 : pos + 4 + size]
+        if kind == 10:  # supported_groups: a 2-byte length, then 2-byte ids
+            return [int.from_bytes(body[i : i + 2], "big") for i in range(2, len(body), 2)]
+        pos += 4 + size
+    raise AssertionError("no supported_groups extension")
 
 
 # -- client certificates -------------------------------------------------------
@@ -247,14 +263,14 @@ def test_client_auth_required(pki: PKI, pair: Pair, tmp_path: Path) -> None:
     good = pki.pair("client", "client.example", common_name="svc-a")
     stranger = PKI(tmp_path / "other").pair("client", "client.example")
     config = TLSConfig(*pair, client_auth="required", client_ca=pki.ca_file)
-    with TLSServerThread(config) as server:
-        for cert in (None, stranger):
+    with ServerThread(EchoServer(config)) as server:
+        for refused, cert in enumerate((None, stranger), 1):
             with pytest.raises((ssl.SSLError, OSError)):
-                connect(server.port, pki.client_context(cert))
-            assert isinstance(server.result().error, ssl.SSLError)
-        assert connect(server.port, pki.client_context(good)).data == b"hello"
-        identity = peer_identity_from_der(server.result().peer_der or b"")
-        assert identity.common_name == "svc-a"
+                tls_connect(server.port, pki.client_context(cert))
+            server.wait_for_failures({"certificate": refused})
+        assert tls_connect(server.port, pki.client_context(good)).data == b"hello"
+        identity = server.handled().identity
+        assert identity is not None and identity.common_name == "svc-a"
         assert identity.dns_names == ("client.example",)
 
 
@@ -265,11 +281,11 @@ def test_client_auth_optional_with_ca_directory(pki: PKI, pair: Pair, tmp_path: 
     good = pki.pair("client", "client.example")
     config = TLSConfig(*pair, client_auth="optional", client_ca=ca_dir)
     assert config.context.verify_mode == ssl.CERT_OPTIONAL
-    with TLSServerThread(config) as server:
-        connect(server.port, pki.client_context())
-        assert server.result().peer_der is None
-        connect(server.port, pki.client_context(good))
-        assert server.result().peer_der is not None
+    with ServerThread(EchoServer(config)) as server:
+        tls_connect(server.port, pki.client_context())
+        assert server.handled().peer_certificate is None
+        tls_connect(server.port, pki.client_context(good))
+        assert server.handled().peer_certificate is not None
 
 
 def test_authorize_is_exposed(pair: Pair) -> None:
@@ -312,44 +328,43 @@ def test_sni_picks_certificate(pki: PKI, sni_pairs: dict[str, Pair]) -> None:
         "unknown.example": "default",
         None: "default",
     }
-    with TLSServerThread(sni_config(sni_pairs)) as server:
+    with ServerThread(EchoServer(sni_config(sni_pairs))) as server:
         for name, key in expected.items():
             client = pki.client_context()
             client.check_hostname = False
-            result = connect(server.port, client, server_hostname=name)
+            result = tls_connect(server.port, client, server_hostname=name)
             assert serial_of(result.peer_der) == file_serial(sni_pairs[key][0]), name
-            assert server.result().error is None
+            assert server.handled().server_name == name
 
 
 def test_sni_strict_refuses_unknown_names(pki: PKI, sni_pairs: dict[str, Pair]) -> None:
-    with TLSServerThread(sni_config(sni_pairs, sni_strict=True)) as server:
+    with ServerThread(EchoServer(sni_config(sni_pairs, sni_strict=True))) as server:
         with pytest.raises(ssl.SSLError) as info:
-            connect(server.port, pki.client_context(), server_hostname="unknown.example")
+            tls_connect(server.port, pki.client_context(), server_hostname="unknown.example")
         assert "UNRECOGNIZED_NAME" in str(info.value.reason)
-        refused = server.result().error
-        # What the server side sees: OpenSSL reports the refusing callback.
-        assert isinstance(refused, ssl.SSLError) and refused.reason == "CALLBACK_FAILED"
+        # The server counts the refusal as an SNI failure (OpenSSL reports its callback).
+        server.wait_for_failures({"sni": 1})
         with pytest.raises(ssl.SSLError):
-            connect(server.port, pki.client_context(), server_hostname="a.b.wild.example")
-        server.result()
+            tls_connect(server.port, pki.client_context(), server_hostname="a.b.wild.example")
+        server.wait_for_failures({"sni": 2})
         # The default certificate's own names and no-SNI clients are still served.
-        assert connect(server.port, pki.client_context(), "default.example").data == b"hello"
+        assert tls_connect(server.port, pki.client_context(), "default.example").data == b"hello"
         client = pki.client_context()
         client.check_hostname = False
-        assert connect(server.port, client, server_hostname=None).data == b"hello"
+        assert tls_connect(server.port, client, server_hostname=None).data == b"hello"
 
 
 def test_alpn_on_default_and_sni_contexts(pki: PKI, sni_pairs: dict[str, Pair]) -> None:
     config = sni_config(sni_pairs, alpn_protocols=["h2", "http/1.1"])
-    with TLSServerThread(config) as server:
+    with ServerThread(EchoServer(config)) as server:
         for name in ("default.example", "a.example"):
             client = pki.client_context()
             client.set_alpn_protocols(["http/1.1", "h2"])
-            assert connect(server.port, client, name).alpn == "h2"
-            assert server.result().alpn == "h2"
+            assert tls_connect(server.port, client, name).alpn == "h2"
+            assert server.handled().alpn == "h2"
         client = pki.client_context()
         client.set_alpn_protocols(["http/1.1"])
-        assert connect(server.port, client, "a.example").alpn == "http/1.1"
+        assert tls_connect(server.port, client, "a.example").alpn == "http/1.1"
 
 
 # -- key log and tickets ---------------------------------------------------------
@@ -357,9 +372,9 @@ def test_alpn_on_default_and_sni_contexts(pki: PKI, sni_pairs: dict[str, Pair]) 
 
 def test_keylog_file(pki: PKI, pair: Pair, tmp_path: Path) -> None:
     keylog = tmp_path / "keys.log"
-    with TLSServerThread(TLSConfig(*pair, keylog_file=keylog)) as server:
-        connect(server.port, pki.client_context())
-        server.result()
+    with ServerThread(EchoServer(TLSConfig(*pair, keylog_file=keylog))) as server:
+        tls_connect(server.port, pki.client_context())
+        server.handled()
     assert "CLIENT_HANDSHAKE_TRAFFIC_SECRET" in keylog.read_text()
     message = config_error(*pair, keylog_file=tmp_path / "no-dir" / "keys.log")
     assert "TLSConfig keylog_file" in message
@@ -370,9 +385,9 @@ def test_sslkeylogfile_env(
 ) -> None:
     keylog = tmp_path / "env-keys.log"
     monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
-    with TLSServerThread(TLSConfig(*pair)) as server:
-        connect(server.port, pki.client_context())
-        server.result()
+    with ServerThread(EchoServer(TLSConfig(*pair))) as server:
+        tls_connect(server.port, pki.client_context())
+        server.handled()
     assert "SERVER_TRAFFIC_SECRET_0" in keylog.read_text()
 
 
@@ -381,9 +396,9 @@ def test_session_tickets(pki: PKI, pair: Pair, tickets: bool) -> None:
     config = TLSConfig(*pair, session_tickets=tickets)
     assert bool(config.context.options & ssl.OP_NO_TICKET) is not tickets
     assert (config.context.num_tickets == 0) is not tickets
-    with TLSServerThread(config) as server:
+    with ServerThread(EchoServer(config)) as server:
         for maximum in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
-            result = connect(server.port, pki.client_context(maximum=maximum))
+            result = tls_connect(server.port, pki.client_context(maximum=maximum))
             assert result.session is not None
             assert result.session.has_ticket is tickets, maximum
 
@@ -403,12 +418,12 @@ def test_reload_by_hand(pki: PKI, pair: Pair, caplog: pytest.LogCaptureFixture) 
     config = TLSConfig(*pair)
     old_serial = file_serial(pair[0])
     assert config.reload() is False  # nothing changed
-    with TLSServerThread(config) as server:
-        assert serial_of(connect(server.port, pki.client_context()).peer_der) == old_serial
+    with ServerThread(EchoServer(config)) as server:
+        assert serial_of(tls_connect(server.port, pki.client_context()).peer_der) == old_serial
         new_serial = renew(pki, pair)
         assert config.reload() is True
         assert config.reload() is False
-        assert serial_of(connect(server.port, pki.client_context()).peer_der) == new_serial
+        assert serial_of(tls_connect(server.port, pki.client_context()).peer_der) == new_serial
 
 
 def test_broken_file_keeps_old_certificate(
@@ -426,8 +441,8 @@ def test_broken_file_keeps_old_certificate(
     assert "TLSConfig certfile" in errors[0].getMessage()
     assert str(pair[0]) in errors[0].getMessage()
     assert config.context is serving
-    with TLSServerThread(config) as server:
-        assert connect(server.port, pki.client_context()).data == b"hello"
+    with ServerThread(EchoServer(config)) as server:
+        assert tls_connect(server.port, pki.client_context()).data == b"hello"
     # A mismatched key is a new problem: one new error, still the old certificate.
     new_cert, _ = pki.pair("mismatch")
     os.replace(new_cert, pair[0])
@@ -446,8 +461,8 @@ def test_reload_sni_certificate(pki: PKI, sni_pairs: dict[str, Pair]) -> None:
     config = sni_config(sni_pairs)
     new_serial = renew(pki, sni_pairs["a"], "a.example")
     assert config.reload() is True
-    with TLSServerThread(config) as server:
-        result = connect(server.port, pki.client_context(), "a.example")
+    with ServerThread(EchoServer(config)) as server:
+        result = tls_connect(server.port, pki.client_context(), "a.example")
         assert serial_of(result.peer_der) == new_serial
 
 
