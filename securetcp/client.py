@@ -30,7 +30,7 @@ import certifi
 
 from securetcp import certs
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
-from securetcp.tls import SSLOptionsError
+from securetcp.tls import INTERMEDIATE_CIPHERS, SSLOptionsError
 
 __all__ = ["client_context", "connect"]
 
@@ -38,19 +38,6 @@ StrPath: TypeAlias = "str | os.PathLike[str]"
 _T = TypeVar("_T")
 
 _PROFILES = ("intermediate", "modern")
-# Mozilla's "intermediate" TLS 1.2 suites (ECDHE with AEAD only); TLS 1.3
-# suites are OpenSSL's defaults, which are Mozilla's. A client offering only
-# these still reaches every server that follows either Mozilla profile.
-_INTERMEDIATE_CIPHERS = ":".join(
-    [
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    ]
-)
 
 
 # -- contexts --------------------------------------------------------------------
@@ -100,7 +87,9 @@ def client_context(
         context.minimum_version = _ssl.TLSVersion.TLSv1_3
     else:
         context.minimum_version = _ssl.TLSVersion.TLSv1_2
-        context.set_ciphers(_INTERMEDIATE_CIPHERS)
+        # The server profile's TLS 1.2 suites (ECDHE with AEAD only); a client
+        # offering just these reaches every server following Mozilla's profiles.
+        context.set_ciphers(INTERMEDIATE_CIPHERS)
     if cafile is None:
         context.load_verify_locations(cafile=certifi.where())
     else:
@@ -143,8 +132,12 @@ def _pem_files(directory: str) -> list[str]:
         try:
             with open(file, "rb") as f:
                 holds_cert = b"-----BEGIN CERTIFICATE-----" in f.read()
-        except OSError:
-            continue
+        except OSError as exc:
+            # Not skipped: it may be the very CA that was meant to be trusted.
+            raise SSLOptionsError(
+                f"client_context cafile: cannot read {file} in CA directory {directory}: "
+                f"{exc.strerror or exc}"
+            ) from None
         if holds_cert:
             files.setdefault(os.path.realpath(file), file)  # hash links: load once
     if not files:
