@@ -30,10 +30,13 @@ TLS layer must see the ClientHello intact) works in either of two ways:
           if not chunk: raise EOFError  # closed mid-header
           buffer += chunk
 
-  A v2 header takes two reads (16 bytes, then the rest); a v1 line a few.
-* peek: ``recv(MAX_HEADER_LENGTH or less, MSG_PEEK)``, parse, then
-  ``recv(consumed)`` to take the header alone (while the result is None,
-  wait for more data before peeking again).
+  A v2 header takes three reads (15 bytes, 1, the rest), a v1 line up to
+  about ten (the end of a line is only known once it is seen).
+* peek: ``recv(n, MSG_PEEK)``, parse, then ``recv(consumed)`` to take the
+  header alone: two system calls whatever the header, when it arrived in
+  one segment as senders make it (536 bytes hold any but a v2 header with
+  large TLVs). While the result is None, wait for more data before peeking
+  again; or continue with the exact reads above.
 
 Representation choices (the specification leaves them to the receiver):
 
@@ -540,7 +543,11 @@ def _crc_offset(header: bytes, address_size: int) -> int:
 
 
 def parse_ssl_tlv(value: _Bytes) -> SSLTLV:
-    """Decode the value of a ``PP2_TYPE_SSL`` TLV (client bits, verify, sub-TLVs)."""
+    """Decode the value of a ``PP2_TYPE_SSL`` TLV (client bits, verify, sub-TLVs).
+
+    Raises :class:`ProxyProtocolError` if it is shorter than 5 bytes or a
+    sub-TLV is truncated (parse_proxy_header has checked that already).
+    """
     raw = bytes(value)
     if len(raw) < 5:
         raise ProxyProtocolError(f"PROXY v2 SSL TLV: {len(raw)} bytes (at least 5)")
