@@ -121,11 +121,26 @@ def _not_after(server: TCPServer) -> dict[str, float]:
 
 
 class StatsCollector:
-    """A prometheus_client collector reading ``stats`` of named servers at scrape time."""
+    """A prometheus_client collector reading ``stats`` of named servers at scrape time.
+
+    Scrapes run in the endpoint's thread, not the server's loop. The byte
+    counters are sums over open and closed connections, and a snapshot taken
+    while a connection closes can miss its bytes for that one scrape; a
+    counter must never go down (Prometheus would see a reset), so each byte
+    counter is reported as at least what the previous scrape reported.
+    """
 
     def __init__(self, servers: Mapping[str, TCPServer], task: int | None = None) -> None:
         self.servers = dict(servers)
         self.task = task
+        self._lock = threading.Lock()  # scrapes may run concurrently
+        self._floors: dict[tuple[str, str], int] = {}
+
+    def _monotonic(self, server: str, name: str, value: int) -> int:
+        key = (server, name)
+        value = max(value, self._floors.get(key, 0))
+        self._floors[key] = value
+        return value
 
     def describe(self) -> list[Any]:
         """Nothing up front: the series are only known at scrape time."""
@@ -133,6 +148,11 @@ class StatsCollector:
 
     def collect(self) -> Iterator[Any]:
         """One metric family per statistic, one sample per server."""
+        with self._lock:
+            families = self._collect()
+        yield from families
+
+    def _collect(self) -> list[Any]:
         require_prometheus_client()
         from prometheus_client import core
 
@@ -179,12 +199,11 @@ class StatsCollector:
                 failures.add_metric([*values, reason], count)
             rejected.add_metric(values, stats.rejected)
             errors.add_metric(values, stats.handler_errors)
-            received.add_metric(values, stats.bytes_received)
-            sent.add_metric(values, stats.bytes_sent)
+            received.add_metric(values, self._monotonic(name, "in", stats.bytes_received))
+            sent.add_metric(values, self._monotonic(name, "out", stats.bytes_sent))
             for label, when in sorted(_not_after(server).items()):
                 not_after.add_metric([*values, label], when)
-        yield from (accepted, active, handshakes, failures, rejected, errors, received, sent)
-        yield not_after
+        return [accepted, active, handshakes, failures, rejected, errors, received, sent, not_after]
 
 
 def metrics_port(port: int) -> int:

@@ -338,3 +338,31 @@ def test_forked_workers_each_serve_their_own_numbers(tmp_path: Path) -> None:
         stderr = proc.stderr.read().decode()
         proc.stderr.close()
     assert "Traceback" not in stderr
+
+
+def test_byte_counters_never_go_down() -> None:
+    """A snapshot that races a closing connection may miss its bytes for one scrape."""
+    from securetcp import TCPServer
+    from securetcp.metrics import StatsCollector
+    from securetcp.tcpserver import ServerStats
+
+    readings = iter([100, 90, 120])
+
+    class Racing(TCPServer):
+        @property
+        def stats(self) -> ServerStats:
+            n = next(readings)
+            return ServerStats(
+                accepted=1, active=1, handshakes=1, rejected=0,
+                bytes_received=n, bytes_sent=n, failures={},
+            )  # fmt: skip
+
+    collector = StatsCollector({"s": Racing()})
+
+    def bytes_in() -> float:
+        for family in collector.collect():
+            if family.name == "securetcp_bytes_received":
+                return float(family.samples[0].value)
+        raise AssertionError("no securetcp_bytes_received")
+
+    assert [bytes_in(), bytes_in(), bytes_in()] == [100, 100, 120]
