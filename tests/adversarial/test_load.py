@@ -105,6 +105,7 @@ async def test_slowloris(
         await after_attack(server, baseline, context)
 
 
+@pytest.mark.timeout(240)  # 2,000 handshakes on a shared 2-core machine
 @pytest.mark.parametrize("kind", KINDS)
 def test_flood_of_short_connections(
     pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
