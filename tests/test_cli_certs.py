@@ -341,3 +341,24 @@ def test_a_dev_client_certificate_checks_as_a_client(tmp_path: Path) -> None:
         "--ca", "certs/ca.pem", "--hostname", "::1", cwd=tmp_path,
     )  # fmt: skip
     assert server.returncode == 0, server.stdout
+
+
+def test_a_ca_directory_and_verbose_tracebacks(files: Path, tmp_path: Path) -> None:
+    cas = tmp_path / "cas"
+    cas.mkdir()
+    (cas / "root.pem").write_bytes((files / "ca.pem").read_bytes())
+    (cas / "other.pem").write_bytes((files / "other-ca.pem").read_bytes())
+    result, report = check(files, "--cert", "good.pem", "--ca", str(cas))
+    assert result.returncode == 0, report
+    assert report["ca"] == str(cas)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = securetcp("certs", "check", "--cert", "good.pem", "--ca", str(empty), cwd=files)
+    assert none.returncode == 2 and "no PEM certificate files" in one_line(none.stderr)
+
+    verbose = securetcp("certs", "check", "--cert", "nope.pem", "--verbose", cwd=files)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+    assert verbose.stderr.splitlines()[-1] == (
+        "securetcp: certificate file nope.pem: file does not exist"
+    )

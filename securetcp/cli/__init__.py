@@ -13,6 +13,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+import traceback
 from collections.abc import Sequence
 
 from securetcp.cli._common import (
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:
         if getattr(args, "verbose", False):
-            raise
+            traceback.print_exc()  # then the one line, and the same exit status
         print(f"securetcp: {one_line_error(e)}", file=sys.stderr)
         return EXIT_USAGE
     return result
