@@ -137,6 +137,13 @@ PSS growth per idle connection (lower is better); srv CPU / gen CPU = server / l
 generator CPU time over wall time (100% = one core busy)."""
 
 
+PROXY_NOTES = """\
+medians over rounds; "vs base" = ratio to HAProxy (mode tcp, nbthread 1) in the same mode;
+"tls->tls" rows re-originate TLS to the upstream; per server-CPU-s = per second of the
+proxy's CPU time (the upstream echo's is not counted); memory is the proxy's PSS growth per
+idle connection (with its upstream connection)."""
+
+
 def to_json(
     path: Path, meta: dict[str, object], params: dict[str, object], rows: list[Row]
 ) -> None:

@@ -15,10 +15,11 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from benchmarks import report, sysinfo
+from benchmarks import proxies, report, sysinfo
 from benchmarks.certs import TLSFiles, client_context, echo_once, load_context, make_tls_files
 from benchmarks.procs import ServerFailed, ServerProcess, log_tail, raise_nofile_limit, stop_all
 from benchmarks.targets import FAMILIES, SCALING, SERVERS, ServerSpec, free_port
@@ -39,8 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__)
     p.add_argument(
         "--servers",
-        default=",".join(FAMILIES),
-        help=f"comma-separated subset of {','.join(FAMILIES)}",
+        help=f"comma-separated subset of {','.join(FAMILIES)} (default: all)",
     )
     p.add_argument(
         "--workloads",
@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="1 round, short windows (about 2 minutes in all)"
     )
+    p.add_argument(
+        "--proxy",
+        action="store_true",
+        help="benchmark TLS proxies (HAProxy, stunnel, asyncio, securetcp) in front of an echo "
+        f"instead of echo servers; --servers then selects among {','.join(proxies.FAMILIES)}",
+    )
     p.add_argument("--rounds", type=int, help="rounds per measurement (default 3)")
     p.add_argument("--duration", type=float, help="seconds per measured window (default 10)")
     p.add_argument("--warmup", type=float, help="seconds of traffic before each window")
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="results file (default benchmarks/results/<ts>.json)")
     p.add_argument("--keep-logs", action="store_true", help="print where server logs are kept")
     args = p.parse_args(argv)
+    if args.servers is None:
+        args.servers = ",".join(proxies.FAMILIES if args.proxy else FAMILIES)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (2.0 if args.quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0)
@@ -80,7 +88,7 @@ def _split(value: str, known: list[str], what: str) -> list[str]:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Workload, ServerSpec]]:
-    """The (workload, server) pairs of one round, in order."""
+    """The (workload, server) pairs of one round, in order (echo servers)."""
     families = _split(args.servers, FAMILIES, "servers")
     names = _split(args.workloads, [*WORKLOADS, "scaling"], "workloads")
     pairs = [
@@ -125,9 +133,16 @@ def _all_cpus() -> set[int]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks; print the table; write the JSON file."""
     args = parse_args(argv)
-    pairs = plan(args)
-    if not pairs:
-        raise SystemExit("nothing to run")
+    if args.proxy:
+        families = _split(args.servers, proxies.FAMILIES, "proxies")
+        names = _split(args.workloads, list(WORKLOADS), "workloads")
+        workloads = [WORKLOADS[n] for n in names]
+        if not families or not workloads:
+            raise SystemExit("nothing to run")
+    else:
+        pairs = plan(args)
+        if not pairs:
+            raise SystemExit("nothing to run")
     atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     raise_nofile_limit()
@@ -146,17 +161,26 @@ def main(argv: list[str] | None = None) -> int:
         **asdict(params),
         "server_cpus": [SERVER_CPU] if two_cores else "any",
     }
+    if args.proxy:
+        settings["mode"] = "proxy"
     meta = sysinfo.collect()
     print(report.header(meta, settings), flush=True)
     rows: dict[tuple[str, str], report.Row] = {}
-    for workload, spec in pairs:
-        rows[workload.name, spec.name] = report.Row(workload, spec.name, spec.baseline)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="securetcp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="securetcp-bench-") as tmp, ExitStack() as stack:
         tls = make_tls_files(Path(tmp))
         logs = (
             Path(tempfile.mkdtemp(prefix="securetcp-bench-logs-")) if args.keep_logs else Path(tmp)
         )
+        if args.proxy:
+            # The upstream echoes share the load generator's core.
+            upstream_cpus = {CLIENT_CPU} if two_cores else None
+            plain_port, tls_port = stack.enter_context(
+                proxies.upstreams(tls, logs, upstream_cpus, READY_TIMEOUT)
+            )
+            pairs = proxies.plan(workloads, families, plain_port, tls_port, tls.cafile)
+        for workload, spec in pairs:
+            rows[workload.name, spec.name] = report.Row(workload, spec.name, spec.baseline)
         for r in range(args.rounds):
             for workload, spec in pairs:
                 result = measure(workload, spec, tls, params, logs)
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print()
     print(report.table(list(rows.values())))
-    print(report.NOTES)
+    print(report.PROXY_NOTES if args.proxy else report.NOTES)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.json or RESULTS_DIR / f"{stamp}.json"
     report.to_json(

@@ -304,6 +304,8 @@ class TLSProxy(TCPServer):
             stream.close()
             raise
         self._upstreams.add(upstream)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s: connected to upstream %s", _where(address), _where(self.upstream))
         back = asyncio.ensure_future(_pump(upstream, stream))
         try:
             await _pump(stream, upstream)
