@@ -13,7 +13,8 @@ import base64
 import datetime
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeAlias
@@ -130,13 +131,14 @@ class Authority:
         self,
         common_name: str,
         *,
-        key_kind: KeyKind = "ec256",
+        key: PrivateKey | None = None,
         not_before: datetime.datetime | None = None,
         not_after: datetime.datetime | None = None,
         excluded_dns: Sequence[str] = (),
     ) -> Authority:
-        """An intermediate CA under this one (EC P-256 by default), maybe name-constrained."""
-        key = new_key(key_kind)
+        """An intermediate CA under this one (`key`, or a new EC P-256 key), maybe
+        name-constrained."""
+        key = key or new_key("ec256")
         now = _now()
         builder = (
             self._builder(
@@ -320,7 +322,15 @@ class BadSSLPKI:
     scenarios; `revoke(serial)` adds a certificate to the root's CRL.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: Iterable[KeyKind] = ()) -> None:
+        # RSA key generation is slow and releases the GIL: the keys named in
+        # `prefetch` are made in two worker threads while the rest is built.
+        self._executor: ThreadPoolExecutor | None = None
+        self._prefetched: dict[KeyKind, list[Future[PrivateKey]]] = {}
+        for kind in prefetch:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(2, thread_name_prefix="badssl-keys")
+            self._prefetched.setdefault(kind, []).append(self._executor.submit(new_key, kind))
         self.ca = trustme.CA(organization_name=ORGANIZATION)
         self.root = Authority.from_trustme(self.ca)
         self.intermediate = self.root.issue_ca("securetcp badssl intermediate")
@@ -328,6 +338,23 @@ class BadSSLPKI:
             "client@badssl.test", common_name="securetcp badssl client"
         )
         self._revoked: list[int] = []
+
+    def new_key(self, kind: KeyKind) -> PrivateKey:
+        """A fresh key of `kind`: a prefetched one if there is one left."""
+        pending = self._prefetched.get(kind)
+        if pending:
+            return pending.pop(0).result()
+        return new_key(kind)
+
+    def close(self) -> None:
+        """Stop the key threads (keys prefetched but not used are dropped)."""
+        for pending in self._prefetched.values():
+            for future in pending:
+                future.cancel()
+        self._prefetched.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def revoke(self, serial: int) -> None:
         """List `serial` (of a certificate the root issued) in the root's CRL."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, TypeAlias
@@ -174,7 +174,7 @@ def _leaf(
     names: list[str] | None = None,
     **options: object,
 ) -> Credential:
-    key = new_key(key_kind)
+    key = pki.new_key(key_kind)
     cert = pki.intermediate.issue_leaf(
         _names(name) if names is None else names,
         common_name=f"{name}.badssl.test",
@@ -248,7 +248,7 @@ def _bad_signature(pki: BadSSLPKI, name: str) -> Credential:
 
 
 def _sha1_leaf(pki: BadSSLPKI, name: str) -> Credential:
-    issuer = pki.root.issue_ca("securetcp badssl RSA intermediate", key_kind="rsa2048")
+    issuer = pki.root.issue_ca("securetcp badssl RSA intermediate", key=pki.new_key("rsa2048"))
     key = new_key("ec256")
     leaf = issuer.issue_leaf(_names(name), common_name=f"{name}.badssl.test", key=key)
     assert isinstance(issuer.key, rsa.RSAPrivateKey)
@@ -297,6 +297,22 @@ _RECIPES: dict[str, Recipe] = {
     ),
     "idn": lambda pki, n: _leaf(pki, n, names=["xn--bcher-kva.idn.badssl.test"]),
 }
+
+
+# The slow (RSA) keys each scenario's recipe asks `BadSSLPKI.new_key` for.
+_RSA_KEYS: dict[str, tuple[KeyKind, ...]] = {
+    "rsa4096": ("rsa4096",),
+    "rsa2048": ("rsa2048",),
+    "static-rsa": ("rsa2048",),
+    "sha1-leaf": ("rsa2048",),
+    "weak-rsa1024": ("rsa1024",),
+}
+
+
+def slow_keys(names: Iterable[str]) -> list[KeyKind]:
+    """The RSA keys the scenarios `names` need, slowest first (for `BadSSLPKI(prefetch=)`)."""
+    kinds = [kind for name in names for kind in _RSA_KEYS.get(name, ())]
+    return sorted(kinds, key=lambda kind: kind != "rsa4096")
 
 
 def credential(pki: BadSSLPKI, scenario: Scenario) -> Credential:

@@ -27,7 +27,7 @@ from typing import Any
 
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.services.badssl.pki import BadSSLPKI
-from securetcp.services.badssl.scenarios import SCENARIOS, Scenario, credential
+from securetcp.services.badssl.scenarios import SCENARIOS, Scenario, credential, slow_keys
 from securetcp.tcpserver import TCPServer
 
 __all__ = ["BadSSLServer", "parse_client_hello_sni"]
@@ -391,7 +391,13 @@ class BadSSLServer:
 
     def _generate(self, names: list[str]) -> None:
         """Make the PKI, write every file, build and probe every scenario's context."""
-        self.pki = BadSSLPKI()
+        self.pki = BadSSLPKI(prefetch=slow_keys(names))
+        try:
+            self._build(names)
+        finally:
+            self.pki.close()
+
+    def _build(self, names: list[str]) -> None:
         self.ca_file = self.directory / "ca.pem"
         self.ca_file.write_bytes(self.pki.ca_pem())
         self.client_cert_file, self.client_key_file = self.pki.write_client(
