@@ -227,12 +227,21 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     ],
 )
 def test_echo_configuration_errors_are_one_line(
-    tmp_path: Path, args: list[str], phrase: str
+    dev_certs: Path, args: list[str], phrase: str
 ) -> None:
-    assert securetcp("certs", "init", "--dir", "certs", cwd=tmp_path).returncode == 0
-    result = run("echo", "--port", "0", *args, cwd=tmp_path)
+    result = run("echo", "--port", "0", *args, cwd=dev_certs)
     assert result.returncode == 2, result.stdout + result.stderr
     assert phrase in one_line_error(result)
+
+
+@pytest.fixture(scope="module")
+def dev_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with certs/ from `certs init` (made once, in this process)."""
+    from securetcp.certs import write_dev_certs
+
+    directory = tmp_path_factory.mktemp("dev")
+    write_dev_certs(directory / "certs")
+    return directory
 
 
 def tls_connection(
