@@ -388,3 +388,24 @@ def test_echo_behind_a_proxy_with_metrics(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     assert "Traceback" not in err.read_text()
+
+
+def test_reuse_port_shares_a_port_and_a_taken_port_is_one_line(dev_certs: Path) -> None:
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = str(probe_port.getsockname()[1])
+    first_dir, second_dir = dev_certs / "first", dev_certs / "second"
+    for d in (first_dir, second_dir):
+        d.mkdir(exist_ok=True)
+        (d / "certs").mkdir(exist_ok=True)
+        for f in (dev_certs / "certs").iterdir():
+            (d / "certs" / f.name).write_bytes(f.read_bytes())
+    command = [sys.executable, "-m", "securetcp", "echo", "--port", port, "--reuse-port"]
+    with server_process(command, first_dir) as (first, out1, _):
+        wait_for_text(out1, rf"127\.0\.0\.1:{port}", first)
+        taken = run("echo", "--port", port, cwd=second_dir)
+        assert taken.returncode == 2
+        assert one_line_error(taken).startswith(f"securetcp: cannot listen on 127.0.0.1:{port}: ")
+        with server_process(command, second_dir) as (second, out2, _):
+            wait_for_text(out2, rf"127\.0\.0\.1:{port}", second)  # both listen on it
+            assert first.poll() is None and second.poll() is None
