@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import errno
+import shutil
 import socket
 import ssl
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import trustme
 from conftest import PKI, open_fds
 from cryptography.hazmat.primitives import serialization
-from servers import HOST, EchoServer, serving, until
+from servers import HOST, EchoServer, server_process, serving, until, wait_for_text
 
 from securetcp.client import client_context, connect
 from securetcp.iostream import IOStream, SSLIOStream, StreamBufferFullError, StreamClosedError
@@ -243,6 +244,37 @@ def test_intermediate_profile_is_tls12_or_later(pki: PKI) -> None:
     suites = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
     assert suites and all(name.startswith("ECDHE-") for name in suites)
     assert client_context(pki.ca_file, profile="modern").minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_against_openssl_s_server(pki: PKI, tmp_path: Path, no_fd_leak: None) -> None:
+    # An independent TLS server: mutual TLS required, ALPN, TLS 1.3; -rev
+    # answers each line reversed.
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    command = [
+        "openssl", "s_server", "-accept", f"{HOST}:{port}", "-naccept", "1", "-rev",
+        "-cert", str(pki.cert_file), "-key", str(pki.key_file),
+        "-Verify", "1", "-CAfile", str(pki.ca_file), "-alpn", "h2", "-tls1_3",
+    ]  # fmt: skip
+    with server_process(command, tmp_path) as (proc, out, _):
+        await asyncio.to_thread(wait_for_text, out, "ACCEPT", proc)
+        context = client_context(
+            pki.ca_file,
+            certfile=pki.client_cert_file,
+            keyfile=pki.client_key_file,
+            alpn_protocols=["h2"],
+        )
+        stream = await connect(HOST, port, ssl=context, server_hostname="localhost")
+        try:
+            assert isinstance(stream, SSLIOStream)
+            assert stream.tls_version == "TLSv1.3"
+            assert stream.selected_alpn_protocol() == "h2"
+            await stream.write(b"hello\n")
+            assert await asyncio.wait_for(stream.read_until(b"\n"), 5) == b"olleh\n"
+        finally:
+            stream.close()
 
 
 # -- failures ------------------------------------------------------------------------
