@@ -90,7 +90,8 @@ def _announcer(args: argparse.Namespace, server: Any) -> Any:
             f"to {args.upstream} (Ctrl-C to stop)"
         )
         tcp = [s for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
-        if tcp and not args.plain:
+        # (Not behind a PROXY protocol peer, nor on certificates from elsewhere.)
+        if tcp and not (args.plain or args.proxy_protocol or args.cert):
             host, port = tcp[0].getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(
