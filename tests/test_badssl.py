@@ -358,7 +358,10 @@ def test_sni_port_names_and_refusals(sni_harness: BadSSLTestServer) -> None:
         assert isinstance(seen.error, (ssl.SSLEOFError, ConnectionResetError)), unknown
     with socket.create_connection(("127.0.0.1", sni_harness.sni_port), timeout=10) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: good.badssl.test\r\n\r\n")  # not TLS
-        assert sock.recv(100) == b""
+        try:
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass  # closed with our request unread
     refusals = sni_harness.badssl.sni_refusals
     assert refusals.get("no_scenario") == 3 and refusals.get("not_tls") == 1
     context.check_hostname = False  # a client that sends no SNI at all
