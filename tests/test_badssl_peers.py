@@ -14,6 +14,7 @@ import shutil
 import subprocess
 
 import pytest
+from test_badssl import served
 
 from securetcp.services.badssl import SCENARIOS, VERIFY_CODE_OUTCOMES, Scenario
 from securetcp.testing import BadSSLTestServer
@@ -104,6 +105,7 @@ def s_client(
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_openssl_s_client(badssl_server: BadSSLTestServer, name: str) -> None:
     scenario = SCENARIOS[name]
+    served(badssl_server, name)
     status, output = s_client(badssl_server, scenario)
     assert openssl_outcome(scenario, status, output) == scenario.expect_for("openssl")
     if scenario.verify_code is not None and scenario.expect_for("openssl") != "ok":
@@ -203,6 +205,7 @@ def gnutls_cli(
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_gnutls_cli(badssl_server: BadSSLTestServer, name: str) -> None:
     scenario = SCENARIOS[name]
+    served(badssl_server, name)
     status, output = gnutls_cli(badssl_server, scenario)
     assert gnutls_outcome(scenario, status, output) == scenario.expect_for("gnutls")
 
@@ -329,6 +332,7 @@ def curl(
 @pytest.mark.parametrize("name", CURL_SCENARIOS)
 def test_curl(badssl_server: BadSSLTestServer, name: str) -> None:
     scenario = SCENARIOS[name]
+    served(badssl_server, name)
     status, output = curl(badssl_server, scenario)
     outcome = curl_outcome(scenario, status, output)
     if name == "client-cert-required" and outcome == "connection_reset":
