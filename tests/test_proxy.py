@@ -527,29 +527,50 @@ async def stalled(counter: Any, timeout: float = 20.0) -> int:
     return int(last)
 
 
+@contextlib.asynccontextmanager
+async def unix_chain(
+    upstream: TCPServer, directory: Path, **keywords: Any
+) -> AsyncIterator[tuple[TLSProxy, str]]:
+    """`upstream` and a TLSProxy in front of it, both on unix sockets.
+
+    Unix socket buffers are fixed in size (TCP's grow with autotuning, to
+    tens of MiB on some systems), so what the kernel can hold is small and
+    known, and what the proxy holds shows.
+    """
+    upstream_path, proxy_path = str(directory / "upstream.sock"), str(directory / "proxy.sock")
+    upstream.add_socket(bind_unix_socket(upstream_path))
+    proxy = TLSProxy(upstream_path, **keywords)
+    proxy.add_socket(bind_unix_socket(proxy_path))
+    try:
+        yield proxy, proxy_path
+    finally:
+        await proxy.close(timeout=2.0)
+        await upstream.close(timeout=2.0)
+
+
+#: Offered by the fast side; the chain of sockets and the proxy must hold far less.
+OFFERED = 32 * MiB
+BOUND = 8 * MiB
+
+
 async def test_a_client_that_never_reads_does_not_make_the_proxy_buffer(
-    pki: PKI, no_fd_leak: None
+    tmp_path: Path, pki: PKI, no_fd_leak: None
 ) -> None:
-    size = 64 * MiB
-    upstream = Flood(size)
-    async with chain(upstream, ssl_options=pki.ssl_options()) as (_, port):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
-        reader, writer = await asyncio.open_connection(
-            sock=sock, ssl=pki.client_context(), server_hostname="localhost"
+    upstream = Flood(OFFERED)
+    async with unix_chain(upstream, tmp_path, ssl_options=pki.ssl_options()) as (_, path):
+        reader, writer = await asyncio.open_unix_connection(
+            path, ssl=pki.client_context(), server_hostname="localhost"
         )
         try:
             await until(lambda: upstream.streams, message="the upstream connection")
             accepted = await stalled(lambda: upstream.streams[0].bytes_sent)
-            # The kernel's buffers on three sockets plus the proxy's
-            # bounded chunk and read-ahead: far below what was offered.
-            assert accepted < 24 * MiB
+            # Two sockets' buffers and the proxy's read-ahead and one chunk
+            # (plus asyncio's TLS buffers in the client): far below the offer.
+            assert accepted < BOUND
             assert not upstream.writes[0].done()
             # Nothing was lost: reading now gets every byte.
             got = 0
-            while got < size:
+            while got < OFFERED:
                 chunk = await asyncio.wait_for(reader.read(1 << 20), 10)
                 assert chunk and chunk == b"f" * len(chunk)
                 got += len(chunk)
@@ -567,20 +588,21 @@ class Sink(TCPServer):
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         self.streams.append(stream)
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
 
 
-async def test_an_upstream_that_never_reads_pushes_back_on_the_client(no_fd_leak: None) -> None:
-    upstream = Sink()
-    async with chain(upstream) as (proxy, port):
-        sock = await raw_connect(port)
-        sending = asyncio.ensure_future(
-            asyncio.get_running_loop().sock_sendall(sock, b"w" * 64 * MiB)
-        )
+async def test_an_upstream_that_never_reads_pushes_back_on_the_client(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    async with unix_chain(Sink(), tmp_path) as (proxy, path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, path)
+        sending = asyncio.ensure_future(loop.sock_sendall(sock, b"w" * OFFERED))
         try:
             await until(lambda: proxy.stats.bytes_received > 0, message="data flowing")
             taken = await stalled(lambda: proxy.stats.bytes_received)
-            assert taken < 24 * MiB
+            assert taken < BOUND
             # The client is still waiting for its bytes to be taken.
             assert not sending.done()
         finally:
