@@ -782,3 +782,17 @@ def test_bad_listen_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
 
     assert main(["proxy", "--listen", "nope", "--upstream", "127.0.0.1:1"]) == 2
     assert "[HOST:]PORT" in capsys.readouterr().err
+
+
+def test_runs_on_uvloop(pki: PKI) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> bytes:
+        async with chain(EchoServer(), ssl_options=pki.ssl_options()) as (_, port):
+            return await tls_exchange(port, pki.client_context(), b"on uvloop" * 10_000)
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(main(), 20)) == b"on uvloop" * 10_000
+    finally:
+        loop.close()
