@@ -29,6 +29,8 @@ needs_libssl = pytest.mark.skipif(_openssl.libssl() is None, reason="libssl not 
 def read_ahead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a test with read-ahead on, and again with the stream's fallback."""
     if request.param == "fallback":
+        # No public switch turns read-ahead off: this is the seam the stream
+        # itself falls back through when ctypes cannot reach OpenSSL.
         monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
         return False
     if _openssl.libssl() is None:
@@ -55,6 +57,9 @@ async def read_exactly(stream: SSLIOStream, size: int) -> bytes:
 
 async def test_server_streams_read_ahead(pki: Any, read_ahead: bool, no_fd_leak: None) -> None:
     async with server_and_peer(pki) as (server, peer, _):
+        # Private on purpose: whether the stream holds OpenSSL's SSL* (and so
+        # turns read-ahead on) is visible nowhere else; it proves that the
+        # two parametrizations really run the two paths.
         assert bool(server._tls_ptr) is read_ahead
         handshake = server.wait_for_handshake()
         await peer.handshake()
@@ -113,5 +118,6 @@ def test_ssl_pointer_refuses_unknown_layouts(pki: Any) -> None:
     wrapper = context.wrap_bio(incoming, outgoing, server_side=True)
     # The Python-level SSLObject is not the C struct: no pointer is read from it.
     assert _openssl.ssl_pointer(wrapper) == 0
-    # Its C object is, and OpenSSL confirms the SSL* belongs to the context.
+    # Its C object is, and OpenSSL confirms the SSL* belongs to the context
+    # (CPython keeps that object in the private _sslobj: what _openssl reads).
     assert _openssl.ssl_pointer(wrapper._sslobj) != 0

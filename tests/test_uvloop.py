@@ -150,6 +150,7 @@ def test_burst_of_records_in_one_segment(
     if read_ahead and _openssl.libssl() is None:
         pytest.skip("libssl not reachable through ctypes")
     if not read_ahead:
+        # The stream's own fallback seam (no public switch turns read-ahead off).
         monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
     chunks = [bytes([97 + i % 26]) * 50 for i in range(300)]
 
@@ -192,7 +193,11 @@ def test_idle_timeout_closes_quiet_connections(pki: Any, no_fd_leak: None) -> No
 
 
 def test_run_in_new_loop_shuts_down_like_asyncio_run(no_fd_leak: None) -> None:
-    """The Python 3.10 path of run(): leftovers cancelled, generators finalised, loop closed."""
+    """The Python 3.10 path of run(): leftovers cancelled, generators finalised, loop closed.
+
+    `_run_in_new_loop` is private, but run() takes it only on Python 3.10
+    (3.11+ has asyncio.Runner): called directly, the path is tested everywhere.
+    """
     seen: dict[str, Any] = {}
 
     async def agen() -> Any:
