@@ -529,3 +529,31 @@ async def test_idle_and_buffer_limit_closes_count_as_rejected(pki: PKI, no_fd_le
             await close_writer(flooder[1])
             await close_writer(idler[1])
     assert server.stats.rejected == 2
+
+
+# -- profiles: one session ticket per handshake ---------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl command not installed")
+async def test_tlsconfig_sends_one_session_ticket(pki: PKI) -> None:
+    """One TLS 1.3 ticket per handshake (what browsers use), not OpenSSL's two."""
+    server = EchoServer(TLSConfig(pki.cert_file, pki.key_file))
+    async with serving(server) as port:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"{HOST}:{port}", "-tls1_3", "-msg",
+            "-CAfile", str(pki.ca_file),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"one line\n")  # its echo comes after the tickets
+        out = b""
+        try:
+            while b"\none line" not in out:
+                chunk = await asyncio.wait_for(proc.stdout.read(65536), 20)
+                assert chunk, out.decode(errors="replace")
+                out += chunk
+        finally:
+            proc.kill()
+            await proc.wait()
+    text = out.decode(errors="replace")
+    assert text.count("NewSessionTicket") == 1, text

@@ -151,7 +151,7 @@ class TLSConfig(ServerTLS):
     the default certificate covers, and clients sending no SNI, are still
     served). ``password`` decrypts every key. ``keylog_file`` (else
     $SSLKEYLOGFILE) receives TLS secrets. ``session_tickets=False`` disables
-    resumption tickets. With ``reload_interval`` (seconds), changed files
+    resumption tickets (otherwise one TLS 1.3 ticket is sent per handshake). With ``reload_interval`` (seconds), changed files
     are re-read once they have stopped changing and, once valid, used for new
     connections; a broken set is logged once and the old certificate stays
     in use.
@@ -288,6 +288,10 @@ class TLSConfig(ServerTLS):
         if not self.session_tickets:
             context.options |= ssl.OP_NO_TICKET
             context.num_tickets = 0
+        else:
+            # One TLS 1.3 ticket per handshake, as browsers need, not
+            # OpenSSL's two: a ticket costs an encryption and a record.
+            context.num_tickets = 1
         apply_keylog(context, self.keylog_file, "TLSConfig keylog_file")
         return context
 
