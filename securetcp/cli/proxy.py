@@ -39,7 +39,8 @@ examples:
   securetcp proxy --listen 8443 --upstream 127.0.0.1:8080 --send-proxy v2
 
   # Behind HAProxy (send-proxy-v2): read the client's address from its PROXY header:
-  securetcp proxy --listen 8443 --upstream 127.0.0.1:8080 --proxy-protocol --trusted-proxy 10.0.0.0/8
+  securetcp proxy --listen 8443 --upstream 127.0.0.1:8080 \\
+      --proxy-protocol --trusted-proxy 10.0.0.0/8
 
   # A unix socket upstream; one worker process per CPU:
   securetcp proxy --listen 8443 --upstream /run/app.sock --processes 0
