@@ -367,8 +367,13 @@ class TLSProxy(TCPServer):
         try:
             if header:
                 # Before any TLS byte: the upstream reads it first. A fresh
-                # socket's send buffer takes it at once.
-                await self._within(loop.sock_sendall(sock, header), deadline)
+                # socket's send buffer takes it at once (else wait for room).
+                try:
+                    sent = sock.send(header)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(header):
+                    await self._within(loop.sock_sendall(sock, header[sent:]), deadline)
             if self.upstream_ssl is None:
                 return IOStream(sock, max_buffer_size=self.max_buffer_size)
             tls_sock = self.upstream_ssl.wrap_socket(
@@ -414,7 +419,10 @@ class TLSProxy(TCPServer):
             candidates = [(info[0], info[4]) for info in infos]
         error: BaseException | None = None
         for family, sockaddr in candidates:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as e:  # out of descriptors (EMFILE) or memory
+                raise UpstreamError(f"cannot create a socket: {_reason(e)}") from e
             try:
                 sock.setblocking(False)
                 if family != socket.AF_UNIX:
