@@ -157,18 +157,19 @@ class TLSTestServer:
             server_class = EchoServer
         if client_auth not in ("none", "optional", "required"):
             raise ValueError("client_auth must be 'none', 'optional' or 'required'")
+        self.ca: trustme.CA | None = ca
+        """The CA that issued the server certificate (None with your own `ssl_options`
+        and no `ca`)."""
         self._directory = Path(tempfile.mkdtemp(prefix="securetcp-test-"))
         try:
             if ssl_options is None:
-                self.ca = ca or trustme.CA()
-                server_cert = server_cert or self.ca.issue_cert("localhost", "127.0.0.1", "::1")
-                ssl_options = _default_server_context(server_cert, self.ca, client_auth)
-                if ca_file is None:
-                    ca_file = _write_ca(self.ca, self._directory)
-            elif ca is not None:
-                self.ca = ca
+                self.ca = ca = ca or trustme.CA()
+                server_cert = server_cert or ca.issue_cert("localhost", "127.0.0.1", "::1")
+                ssl_options = _default_server_context(server_cert, ca, client_auth)
                 if ca_file is None:
                     ca_file = _write_ca(ca, self._directory)
+            elif ca is not None and ca_file is None:
+                ca_file = _write_ca(ca, self._directory)
             self.ca_file: str | None = None if ca_file is None else str(ca_file)
             """The CA certificate file that `client_context()` trusts."""
             self.client_cert = client_cert
@@ -206,7 +207,7 @@ class TLSTestServer:
         return context
 
     def start(self) -> TLSTestServer:
-        """Start the background loop and the server; returns self."""
+        """Start the background loop and the server (once); returns self."""
         if self._thread is not None:
             return self
         self._thread = _LoopThread(f"securetcp-test-server-{id(self):x}")
@@ -227,7 +228,8 @@ class TLSTestServer:
         try:
             if thread is not None:
                 try:
-                    thread.call(self.server.close(timeout=1.0))
+                    # Handlers get a moment to finish; then their connections are closed.
+                    thread.call(self.server.close(timeout=0.5))
                 finally:
                     thread.stop()
         finally:
