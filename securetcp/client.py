@@ -28,9 +28,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import certifi
 
-from securetcp import certs
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
 from securetcp.tls import INTERMEDIATE_CIPHERS, SSLOptionsError
+from securetcp.tls.files import load_ca, load_pair, use_pair
 
 __all__ = ["client_context", "connect"]
 
@@ -102,49 +102,9 @@ def client_context(
 
 
 def _load_trust(context: _ssl.SSLContext, cafile: StrPath) -> None:
-    path = os.fspath(cafile)
-    files = _pem_files(path) if os.path.isdir(path) else [path]
-    for file in files:
-        try:
-            certs.load_pem_certificates(file)
-            context.load_verify_locations(cafile=file)
-        except certs.CertificateFileError as exc:
-            raise SSLOptionsError(f"client_context cafile: {exc}") from None
-        except (_ssl.SSLError, OSError) as exc:
-            raise SSLOptionsError(
-                f"client_context cafile: OpenSSL cannot load CA file {file}: {exc}"
-            ) from None
-
-
-def _pem_files(directory: str) -> list[str]:
-    """The files of `directory` holding a PEM certificate (loaded eagerly, no c_rehash)."""
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError as exc:
-        raise SSLOptionsError(
-            f"client_context cafile: cannot read directory {directory}: {exc.strerror or exc}"
-        ) from None
-    files: dict[str, str] = {}
-    for name in names:
-        file = os.path.join(directory, name)
-        if name.startswith(".") or not os.path.isfile(file):
-            continue
-        try:
-            with open(file, "rb") as f:
-                holds_cert = b"-----BEGIN CERTIFICATE-----" in f.read()
-        except OSError as exc:
-            # Not skipped: it may be the very CA that was meant to be trusted.
-            raise SSLOptionsError(
-                f"client_context cafile: cannot read {file} in CA directory {directory}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        if holds_cert:
-            files.setdefault(os.path.realpath(file), file)  # hash links: load once
-    if not files:
-        raise SSLOptionsError(
-            f"client_context cafile: no PEM certificate file in directory {directory}"
-        )
-    return list(files.values())
+    # The same rules as the server's client_ca: a PEM file or a directory of
+    # them, every file checked (an unreadable one is an error naming it).
+    load_ca(context, cafile, "client_context cafile")
 
 
 def _load_client_certificate(
@@ -153,34 +113,12 @@ def _load_client_certificate(
     keyfile: StrPath | None,
     password: str | bytes | None,
 ) -> None:
-    try:
-        chain = certs.load_pem_certificates(certfile)
-    except certs.CertificateFileError as exc:
-        raise SSLOptionsError(f"client_context certfile: {exc}") from None
-    key_path = certfile if keyfile is None else keyfile
-    key_option = "client_context certfile" if keyfile is None else "client_context keyfile"
-    try:
-        key = certs.load_pem_private_key(key_path, password)
-    except certs.CertificateFileError as exc:
-        raise SSLOptionsError(f"{key_option}: {exc}") from None
-    if not certs.key_matches_certificate(key, chain[0]):
-        raise SSLOptionsError(
-            f"{key_option}: the private key in {os.fspath(key_path)!s} does not match "
-            f"the certificate in {os.fspath(certfile)!s}"
-        )
-    problem = certs.validity_problem(chain[0])
-    if problem is not None:
-        raise SSLOptionsError(
-            f"client_context certfile: certificate {os.fspath(certfile)!s} {problem}"
-        )
-    secret = password.encode() if isinstance(password, str) else (password or b"")
-    try:
-        # A callable password, never None: OpenSSL would prompt on the terminal.
-        context.load_cert_chain(certfile, keyfile, password=lambda: secret)
-    except (_ssl.SSLError, OSError) as exc:
-        raise SSLOptionsError(
-            f"client_context certfile: OpenSSL cannot use {os.fspath(certfile)!s}: {exc}"
-        ) from None
+    # Checked as strictly as a server's certificate: it parses, the key
+    # matches, it is in its validity period.
+    pair = load_pair(
+        certfile, keyfile, password, "client_context certfile", "client_context keyfile"
+    )
+    use_pair(context, pair)
 
 
 # -- connecting --------------------------------------------------------------------

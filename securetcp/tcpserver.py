@@ -33,6 +33,7 @@ import socket
 import ssl
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -92,6 +93,12 @@ _DEFER_ACCEPT = getattr(socket, "TCP_DEFER_ACCEPT", None)
 
 #: Default cap on TLS handshakes (and PROXY headers) in progress at once.
 DEFAULT_MAX_CONCURRENT_HANDSHAKES = 1024
+# Handshake deadlines are swept by one timer per server, not a timer per
+# connection; a handshake may outlive its deadline by up to this much.
+_SWEEP_SLACK = 0.05
+# Python 3.12+: a handler's first step runs at once, in the callback that
+# completed the handshake, instead of one loop iteration later.
+_EAGER_TASKS = sys.version_info >= (3, 12)
 
 
 class _RateLimitedLog:
@@ -196,6 +203,9 @@ class TCPServer:
         self._closing = False
         self._idle_timers: dict[IOStream, asyncio.TimerHandle] = {}
         self._header_readers: set[ProxyHeaderReader] = set()
+        # Handshakes in progress and their deadlines, oldest first.
+        self._deadlines: OrderedDict[SSLIOStream, float] = OrderedDict()
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self._handshaking = 0  # TLS handshakes and PROXY headers in progress
         self._fail_log = _RateLimitedLog(log)
 
@@ -393,6 +403,9 @@ class TCPServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
         if self._tls is not None:
             self._tls.stop_reloading()
         if self._closed_event is not None:
@@ -525,14 +538,38 @@ class TCPServer:
         self._streams.add(stream)
         if isinstance(stream, SSLIOStream):
             self._handshaking += 1
-            stream.start_handshake(
-                lambda s, error: self._on_handshake(s, address, error), self.handshake_timeout
-            )
+            if self.handshake_timeout is not None:
+                self._watch_deadline(stream, self.handshake_timeout)
+            stream.start_handshake(lambda s, error: self._on_handshake(s, address, error))
         else:
             self._start_handler(stream, address)
 
+    def _watch_deadline(self, stream: SSLIOStream, timeout: float) -> None:
+        assert self._loop is not None
+        deadline = self._loop.time() + timeout
+        self._deadlines[stream] = deadline
+        if self._sweep_handle is None:
+            self._sweep_handle = self._loop.call_at(deadline, self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        """Fail the handshakes whose deadline passed; wait for the next one."""
+        assert self._loop is not None
+        self._sweep_handle = None
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            stream, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                self._sweep_handle = self._loop.call_at(
+                    max(deadline, now + _SWEEP_SLACK), self._sweep_deadlines
+                )
+                return
+            del deadlines[stream]
+            stream.abort_handshake(TimeoutError("TLS handshake timed out"))
+
     def _on_handshake(self, stream: SSLIOStream, address: Any, error: BaseException | None) -> None:
         self._handshaking -= 1
+        self._deadlines.pop(stream, None)
         if error is not None:
             reason = classify_handshake_error(error)
             if reason == "sni" and self._sni_failed_before_callback(stream):
@@ -605,7 +642,10 @@ class TCPServer:
             self._handler_failed(stream, address)
             return
         if inspect.isawaitable(result):
-            task = asyncio.ensure_future(result)
+            if _EAGER_TASKS and asyncio.iscoroutine(result):
+                task = asyncio.Task(result, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+            else:
+                task = asyncio.ensure_future(result)
             # A dict entry and a bound method: lighter per connection than a closure.
             self._handlers[task] = (stream, address)
             task.add_done_callback(self._on_handler_done)
@@ -677,7 +717,8 @@ class TCPServer:
         """A snapshot of this server's counters."""
         received = self._bytes_received_closed
         sent = self._bytes_sent_closed
-        for stream in self._streams:
+        # A copy (atomic under the GIL): a metrics thread may take this snapshot.
+        for stream in list(self._streams):
             received += stream.bytes_received
             sent += stream.bytes_sent
         return ServerStats(
