@@ -158,7 +158,9 @@ class SSLIOStream(IOStream):
         """Begin the handshake now; `callback(stream, error)` runs when it ends.
 
         On failure or after `timeout` seconds the stream is closed and
-        `error` says why (`TimeoutError` for the deadline).
+        `error` says why (`TimeoutError` for the deadline). A caller that
+        keeps deadlines itself (`TCPServer` sweeps them for all its
+        connections) passes no timeout and calls `abort_handshake`.
         """
         if self._handshake_callback is not None or self._handshake_done:
             raise RuntimeError("handshake already started")
@@ -190,8 +192,10 @@ class SSLIOStream(IOStream):
                 self._writing = False
                 self._loop.remove_writer(self._fd)
             if not self._reading:
+                # The reader registered for the handshake stays for the
+                # data: _handle_read steps the handshake until it is done.
                 self._reading = True
-                self._loop.add_reader(self._fd, self._step_handshake)
+                self._loop.add_reader(self._fd, self._handle_read)
             return
         except ssl.SSLWantWriteError:
             if self._reading:
@@ -206,6 +210,11 @@ class SSLIOStream(IOStream):
             self._finish_handshake(e)
             return
         self._finish_handshake(None)
+
+    def abort_handshake(self, error: BaseException) -> None:
+        """Fail a handshake still in progress with `error` (closing the stream)."""
+        if not self._handshake_done and not self._closed:
+            self._finish_handshake(error)
 
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
@@ -240,18 +249,15 @@ class SSLIOStream(IOStream):
             else:
                 future.set_exception(StreamClosedError(real_error=error))
         if error is None and not self._closed:
-            if self._reading:
-                # Keep the registration, swap the callback: re-registering
-                # for the first read would cost two epoll_ctl calls.
-                loop.add_reader(self._fd, self._handle_read)
             # Resume I/O that was requested while the handshake ran.
             if self._wqueue and not self._writing:
                 self._writing = True
                 loop.add_writer(self._fd, self._on_writable)
             if self._rbuf and self._read_future is not None and self._satisfy_read():
                 return
-            if self._input_buffered():
-                # The handshake's last records may have carried data.
+            if self._read_future is not None or self._input_buffered():
+                # A client's first bytes often travel with its Finished:
+                # reading now saves a trip through the loop (EAGAIN if not).
                 self._handle_read()
             if not self._reading and not self._closed:
                 if self._read_future is not None:
@@ -283,6 +289,8 @@ class SSLIOStream(IOStream):
     def _handle_read(self) -> None:
         tls = self._tls
         if tls is None:
+            if not self._handshake_done and not self._closed:
+                self._step_handshake()
             return
         scratch = self._scratch
         full = len(scratch)
