@@ -53,6 +53,8 @@ needs_proxy_protocol = pytest.mark.skipif(
 )
 
 START_TIMEOUT = 15.0
+#: How `securetcp echo` and `securetcp proxy` announce their sockets.
+ANNOUNCED = re.compile(r" on 127\.0\.0\.1:(\d+)")
 
 
 # --------------------------------------------------------------- processes
@@ -98,6 +100,17 @@ class Process:
                 continue
             writer.close()
             return
+
+    async def announced_port(self) -> int:
+        """The port a securetcp command says it listens on (started with port 0)."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            match = ANNOUNCED.search(self.out.read_text(errors="replace"))
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no listening address announced:\n{self.output()}")
+            await asyncio.sleep(0.02)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -219,16 +232,14 @@ async def test_haproxy_send_proxy_v2_to_securetcp(tmp_path: Path, pki: PKI, tls:
 @needs_haproxy
 @needs_proxy_protocol
 async def test_haproxy_in_front_of_securetcp_echo_command(tmp_path: Path, pki: PKI) -> None:
-    echo_port, front = free_port(), free_port()
-    echo_argv = securetcp(
-        "-v", "echo", "--port", str(echo_port), "--certs", pki_dir(pki), "--proxy-protocol"
-    )
-    config = haproxy_config(tmp_path / "haproxy.cfg", front, echo_port, send_proxy=True)
-    with (
-        process(echo_argv, tmp_path, "echo") as echo,
-        process([str(HAPROXY), "-db", "-f", str(config)], tmp_path, "haproxy") as haproxy,
-    ):
-        await echo.wait_listening(echo_port)
+    echo_argv = securetcp("-v", "echo", "--port", "0", "--certs", pki_dir(pki), "--proxy-protocol")
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(process(echo_argv, tmp_path, "echo"))
+        echo_port, front = await echo.announced_port(), free_port()
+        config = haproxy_config(tmp_path / "haproxy.cfg", front, echo_port, send_proxy=True)
+        haproxy = stack.enter_context(
+            process([str(HAPROXY), "-db", "-f", str(config)], tmp_path, "haproxy")
+        )
         await haproxy.wait_listening(front)
         reader, writer = await open_tls(front, pki.client_context())
         try:
@@ -250,14 +261,14 @@ async def test_securetcp_proxy_send_proxy_v2_to_haproxy_accept_proxy(
 ) -> None:
     upstream = EchoServer()
     async with running(upstream) as echo_port:
-        haproxy_port, proxy_port = free_port(), free_port()
+        haproxy_port = free_port()
         config = haproxy_config(
             tmp_path / "haproxy.cfg", haproxy_port, echo_port, accept_proxy=True
         )
         proxy_argv = securetcp(
             "proxy",
             "--listen",
-            str(proxy_port),
+            "0",
             "--upstream",
             f"{HOST}:{haproxy_port}",
             "--send-proxy",
@@ -270,7 +281,7 @@ async def test_securetcp_proxy_send_proxy_v2_to_haproxy_accept_proxy(
             process(proxy_argv, tmp_path, "proxy") as proxy,
         ):
             await haproxy.wait_listening(haproxy_port)
-            await proxy.wait_listening(proxy_port)
+            proxy_port = await proxy.announced_port()
             reader, writer = await open_tls(proxy_port, pki.client_context())
             try:
                 client_port = writer.get_extra_info("sockname")[1]
@@ -321,13 +332,12 @@ async def test_proxy_terminates_tls_for_openssl_and_python_clients(
 ) -> None:
     upstream = EchoServer()
     async with running(upstream) as echo_port:
-        port = free_port()
         argv = securetcp(
-            "proxy", "--listen", str(port), "--upstream", f"{HOST}:{echo_port}",
+            "proxy", "--listen", "0", "--upstream", f"{HOST}:{echo_port}",
             "--certs", pki_dir(pki),
         )  # fmt: skip
         with process(argv, tmp_path, "proxy") as proxy:
-            await proxy.wait_listening(port)
+            port = await proxy.announced_port()
             assert await s_client(port, pki.ca_file, b"from openssl\n") == b"from openssl\n"
             payload = os.urandom(200_000)
             assert await exchange(port, payload, pki.client_context()) == payload
@@ -335,19 +345,17 @@ async def test_proxy_terminates_tls_for_openssl_and_python_clients(
 
 
 async def test_proxy_reoriginates_tls_to_securetcp_echo(tmp_path: Path, pki: PKI) -> None:
-    echo_port, port = free_port(), free_port()
-    echo_argv = securetcp("echo", "--port", str(echo_port), "--certs", pki_dir(pki))
-    proxy_argv = securetcp(
-        "proxy", "--plain", "--listen", str(port),
-        "--upstream", f"{HOST}:{echo_port}", "--upstream-ca", str(pki.ca_file),
-        "--upstream-server-name", "localhost",
-    )  # fmt: skip
-    with (
-        process(echo_argv, tmp_path, "echo") as echo,
-        process(proxy_argv, tmp_path, "proxy") as proxy,
-    ):
-        await echo.wait_listening(echo_port)
-        await proxy.wait_listening(port)
+    echo_argv = securetcp("echo", "--port", "0", "--certs", pki_dir(pki))
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(process(echo_argv, tmp_path, "echo"))
+        echo_port = await echo.announced_port()
+        proxy_argv = securetcp(
+            "proxy", "--plain", "--listen", "0",
+            "--upstream", f"{HOST}:{echo_port}", "--upstream-ca", str(pki.ca_file),
+            "--upstream-server-name", "localhost",
+        )  # fmt: skip
+        proxy = stack.enter_context(process(proxy_argv, tmp_path, "proxy"))
+        port = await proxy.announced_port()
         payload = os.urandom(300_000)
         assert await exchange(port, payload) == payload
 
@@ -387,10 +395,10 @@ requireCert = yes
 async def test_proxy_reoriginates_mutual_tls_to_stunnel(tmp_path: Path, pki: PKI) -> None:
     upstream = PlainEcho()
     async with running(upstream) as echo_port:
-        stunnel_port, port = free_port(), free_port()
+        stunnel_port = free_port()
         config = stunnel_config(tmp_path, pki, stunnel_port, echo_port)
         proxy_argv = securetcp(
-            "proxy", "--listen", str(port), "--certs", pki_dir(pki),
+            "proxy", "--listen", "0", "--certs", pki_dir(pki),
             "--upstream", f"{HOST}:{stunnel_port}", "--upstream-ca", str(pki.ca_file),
             "--upstream-cert", str(pki.client_cert_file),
             "--upstream-key", str(pki.client_key_file),
@@ -401,7 +409,7 @@ async def test_proxy_reoriginates_mutual_tls_to_stunnel(tmp_path: Path, pki: PKI
             process(proxy_argv, tmp_path, "proxy") as proxy,
         ):
             await stunnel.wait_listening(stunnel_port)
-            await proxy.wait_listening(port)
+            port = await proxy.announced_port()
             payload = os.urandom(500_000)
             assert await exchange(port, payload, pki.client_context()) == payload
 
@@ -412,10 +420,10 @@ async def test_stunnel_refusing_our_missing_client_cert_closes_the_client(
 ) -> None:
     upstream = PlainEcho()
     async with running(upstream) as echo_port:
-        stunnel_port, port = free_port(), free_port()
+        stunnel_port = free_port()
         config = stunnel_config(tmp_path, pki, stunnel_port, echo_port)
         proxy_argv = securetcp(
-            "proxy", "--plain", "--listen", str(port),
+            "proxy", "--plain", "--listen", "0",
             "--upstream", f"{HOST}:{stunnel_port}", "--upstream-ca", str(pki.ca_file),
             "--upstream-server-name", "localhost",
         )  # fmt: skip
@@ -424,7 +432,7 @@ async def test_stunnel_refusing_our_missing_client_cert_closes_the_client(
             process(proxy_argv, tmp_path, "proxy") as proxy,
         ):
             await stunnel.wait_listening(stunnel_port)
-            await proxy.wait_listening(port)
+            port = await proxy.announced_port()
             reader, writer = await asyncio.open_connection(HOST, port)
             try:
                 writer.write(b"no certificate")
@@ -472,13 +480,12 @@ class Faulty(TCPServer):
 async def test_faults_leave_the_proxy_serving_without_leaks(tmp_path: Path, pki: PKI) -> None:
     upstream = Faulty()
     async with running(upstream) as echo_port:
-        port = free_port()
         argv = securetcp(
-            "proxy", "--listen", str(port), "--upstream", f"{HOST}:{echo_port}",
+            "proxy", "--listen", "0", "--upstream", f"{HOST}:{echo_port}",
             "--certs", pki_dir(pki),
         )  # fmt: skip
         with process(argv, tmp_path, "proxy") as proxy:
-            await proxy.wait_listening(port)
+            port = await proxy.announced_port()
             assert await exchange(port, b"warm", pki.client_context()) == b"warm"
             await eventually(lambda: upstream.stats.active == 0, "the warm-up closed")
             baseline = proxy.fd_count()
@@ -513,16 +520,17 @@ async def test_faults_leave_the_proxy_serving_without_leaks(tmp_path: Path, pki:
 
 
 async def test_upstream_down_or_silent_closes_clients_at_once(tmp_path: Path, pki: PKI) -> None:
-    down_port, silent_port, port, silent_proxy = (free_port() for _ in range(4))
+    down_port = free_port()
     with socket.socket() as silent:  # accepts into its backlog, never speaks TLS
-        silent.bind((HOST, silent_port))
+        silent.bind((HOST, 0))
         silent.listen(16)
+        silent_port = silent.getsockname()[1]
         down_argv = securetcp(
-            "proxy", "--listen", str(port), "--upstream", f"{HOST}:{down_port}",
+            "proxy", "--listen", "0", "--upstream", f"{HOST}:{down_port}",
             "--certs", pki_dir(pki),
         )  # fmt: skip
         silent_argv = securetcp(
-            "proxy", "--plain", "--listen", str(silent_proxy),
+            "proxy", "--plain", "--listen", "0",
             "--upstream", f"{HOST}:{silent_port}", "--upstream-ca", str(pki.ca_file),
             "--upstream-server-name", "localhost", "--connect-timeout", "0.5",
         )  # fmt: skip
@@ -530,6 +538,8 @@ async def test_upstream_down_or_silent_closes_clients_at_once(tmp_path: Path, pk
             process(down_argv, tmp_path, "down") as down,
             process(silent_argv, tmp_path, "silent") as quiet,
         ):
+            port, silent_proxy = await down.announced_port(), await quiet.announced_port()
+            # Serving (the loop's own descriptors exist) before the baseline is taken.
             await down.wait_listening(port)
             await quiet.wait_listening(silent_proxy)
             # wait_listening's probe is a plain client too: its upstream times out first.
