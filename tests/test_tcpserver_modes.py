@@ -27,23 +27,17 @@ import logging
 import os
 import sys
 
-from securetcp.iostream import StreamClosedError
 from securetcp.netutil import bind_sockets
 from securetcp.process import fork_processes, task_id
-from securetcp.tcpserver import TCPServer
+from securetcp.services.echo import EchoServer
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
 
-class GreetingServer(TCPServer):
+class GreetingServer(EchoServer):
     async def handle_stream(self, stream, address):
         await stream.write(f"hello from task {task_id()} pid {os.getpid()}\n".encode())
-        try:
-            while True:
-                data = await stream.read_bytes(65536, partial=True)
-                await stream.write(data)
-        except StreamClosedError:
-            pass
+        await super().handle_stream(stream, address)
 
 
 mode, certfile, keyfile = sys.argv[1:4]
