@@ -14,6 +14,10 @@ high-water mark) whatever the speed of either peer.
 End of stream: when one peer closes (a TCP FIN, or a TLS close_notify), the
 proxy delivers everything it already read from that peer, then closes the
 connection to the other peer gracefully (a FIN, or close_notify for TLS).
+The direction back ends there too: securetcp's streams close at the peer's
+end of stream, so a client that half-closes (``shutdown(SHUT_WR)``) and then
+waits for a reply does not get it. A TLS peer that vanishes without
+close_notify is read as a close, like any stream of the engine does.
 A connection that breaks with an error (a reset, a TLS error) is aborted on
 the other side too and counted. An upstream that refuses, times out or fails
 its TLS handshake closes the client at once; it is logged (rate-limited) and
