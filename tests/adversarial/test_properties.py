@@ -4,7 +4,9 @@
   whatever the chunking on the wire (TCP writes, TLS records) and the reader's
   chunk size, the frames are those of the same split done on the whole buffer.
 - The TLS handshake path: a real ClientHello fragmented into any number of
-  records, sent in any TCP chunks, still completes the handshake and an echo.
+  records, sent in any TCP chunks, still completes the handshake and an echo;
+  with ``proxy_protocol=True``, a PROXY header (v1 or v2) and the ClientHello
+  behind it, in any TCP chunks, give the header's address and a handshake.
 
 (The PROXY protocol parser has its own properties in its tests; fuzz/ runs
 coverage-guided fuzzing of all of these.)
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 import struct
 from typing import Any
@@ -24,6 +27,7 @@ from hypothesis import strategies as st
 from servers import EchoServer, raw_connect, serving, stream_pair
 
 from securetcp.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+from securetcp.proxyproto import encode_proxy_header
 
 from . import tlswire
 
@@ -172,42 +176,71 @@ def test_fragmented_client_hello_completes(
     pki: PKI, record_sizes: list[int], tcp_sizes: list[int]
 ) -> None:
     """Any record fragmentation and TCP chunking of the ClientHello is served."""
+    server = EchoServer(pki.ssl_options(), handshake_timeout=5)
+    assert run(converse(pki, server, b"", record_sizes, tcp_sizes))[0] == b"ping"
 
-    async def main() -> bytes:
-        server = EchoServer(pki.ssl_options(), handshake_timeout=5)
-        async with serving(server) as port:
-            loop = asyncio.get_running_loop()
-            sock = await raw_connect(port)
-            try:
-                incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-                tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
-                with contextlib.suppress(ssl.SSLWantReadError):
+
+async def converse(
+    pki: PKI, server: EchoServer, prefix: bytes, record_sizes: list[int], tcp_sizes: list[int]
+) -> tuple[bytes, Any]:
+    """A TLS echo of b"ping" whose first flight is `prefix` + the ClientHello
+    re-cut into `record_sizes`, sent in `tcp_sizes` chunks; (echo, address seen)."""
+    async with serving(server) as port:
+        loop = asyncio.get_running_loop()
+        sock = await raw_connect(port)
+        try:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = pki.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+            first = prefix + refragment(outgoing.read(), record_sizes)
+            for piece in split_by(first, tcp_sizes):
+                await loop.sock_sendall(sock, piece)
+            while True:
+                try:
                     tls.do_handshake()
-                hello = refragment(outgoing.read(), record_sizes)
-                for piece in split_by(hello, tcp_sizes):
-                    await loop.sock_sendall(sock, piece)
-                while True:
-                    try:
-                        tls.do_handshake()
-                        break
-                    except ssl.SSLWantReadError:
-                        await loop.sock_sendall(sock, outgoing.read())
-                        chunk = await loop.sock_recv(sock, 65536)
-                        assert chunk, "the server closed during the handshake"
-                        incoming.write(chunk)
-                tls.write(b"ping")
-                await loop.sock_sendall(sock, outgoing.read())
-                echoed = b""
-                while len(echoed) < 4:
-                    try:
-                        echoed += tls.read(4)
-                    except ssl.SSLWantReadError:
-                        incoming.write(await loop.sock_recv(sock, 65536))
-                return echoed
-            finally:
-                sock.close()
+                    break
+                except ssl.SSLWantReadError:
+                    await loop.sock_sendall(sock, outgoing.read())
+                    chunk = await loop.sock_recv(sock, 65536)
+                    assert chunk, "the server closed during the handshake"
+                    incoming.write(chunk)
+            tls.write(b"ping")
+            await loop.sock_sendall(sock, outgoing.read())
+            echoed = b""
+            while len(echoed) < 4:
+                try:
+                    echoed += tls.read(4)
+                except ssl.SSLWantReadError:
+                    incoming.write(await loop.sock_recv(sock, 65536))
+            return echoed, server.addresses[-1] if server.addresses else None
+        finally:
+            sock.close()
 
-    assert run(main()) == b"ping"
+
+@settings(SETTINGS, max_examples=40)
+@given(
+    version=st.sampled_from([1, 2]),
+    source=st.tuples(st.ip_addresses(v=4).map(str), st.integers(1, 65535))
+    | st.tuples(st.ip_addresses(v=6).map(str), st.integers(1, 65535)),
+    record_sizes=st.lists(st.integers(1, 600), min_size=1, max_size=4),
+    tcp_sizes=st.lists(st.integers(1, 120), min_size=1, max_size=8),
+)
+def test_proxy_header_and_client_hello_in_any_chunks(
+    pki: PKI,
+    version: int,
+    source: tuple[str, int],
+    record_sizes: list[int],
+    tcp_sizes: list[int],
+) -> None:
+    """The header is read to its last byte and no further, however the bytes arrive."""
+    destination = ("::1", 443) if ":" in source[0] else ("127.0.0.1", 443)
+    header = encode_proxy_header(source, destination, version=version)
+    server = EchoServer(pki.ssl_options(), handshake_timeout=5, proxy_protocol=True)
+    echoed, address = run(converse(pki, server, header, record_sizes, tcp_sizes))
+    assert echoed == b"ping"
+    assert ipaddress.ip_address(address[0]) == ipaddress.ip_address(source[0])
+    assert address[1] == source[1]
 
 
 def test_reference_split_examples() -> None:
