@@ -244,6 +244,23 @@ def warmed_baseline(server: ServerProcess, context: ssl.SSLContext) -> int:
     return count[0]
 
 
+def stalled(server: ServerProcess, quiet: float = 0.2) -> Any:
+    """A predicate for `apoll`: true once the server's byte counters have not
+    moved for `quiet` seconds (its connections are all blocked)."""
+    state = {"seen": -1, "since": time.monotonic()}
+
+    def check() -> bool:
+        stats = server.stats()
+        moved = stats["bytes_received"] + stats["bytes_sent"]
+        now = time.monotonic()
+        if moved != state["seen"]:
+            state["seen"], state["since"] = moved, now
+            return False
+        return now - state["since"] >= quiet
+
+    return check
+
+
 def failures_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     """Failure reasons counted between two stats snapshots."""
     reasons = set(before["failures"]) | set(after["failures"])

@@ -29,6 +29,7 @@ from .helpers import (
     failures_delta,
     good_client,
     server_process,
+    stalled,
     upstream_process,
     warmed_baseline,
 )
@@ -103,6 +104,7 @@ async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SS
             peak[0] = max(peak[0], server.rss())
             return server.stats()["active"] == 0
 
+        await apoll(stalled(server), IDLE, "the connection to stall")
         await good_client(server.port, context)
         await apoll(dropped, IDLE * 2 + 10.0, "the stalled connection to be dropped")
         pumping.cancel()
@@ -150,6 +152,7 @@ async def test_upstream_floods_a_client_that_never_reads(
             return server.stats()["active"] == 0
 
         await apoll(lambda: server.stats()["bytes_sent"] > 2**20, 5.0, "the flood to start")
+        await apoll(stalled(server), IDLE, "the connection to stall")
         await good_client(server.port, context)
         await apoll(dropped, IDLE * 2 + 10.0, "the flooded connection to be dropped")
     finally:

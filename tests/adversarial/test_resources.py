@@ -20,6 +20,7 @@ from .helpers import (
     apoll,
     good_client,
     server_process,
+    stalled,
     warmed_baseline,
 )
 
@@ -138,6 +139,7 @@ async def test_client_that_never_reads(
 
             # Others are served while it stalls.
             await apoll(lambda: server.stats()["bytes_sent"] > 0, 5.0, "the server writing")
+            await apoll(stalled(server), idle, "the connection to stall")
             await good_client(server.port, context)
             await apoll(dropped, idle * 2 + 10.0, "the stalled connection to be dropped")
         finally:
