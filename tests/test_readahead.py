@@ -120,4 +120,4 @@ def test_ssl_pointer_refuses_unknown_layouts(pki: Any) -> None:
     assert _openssl.ssl_pointer(wrapper) == 0
     # Its C object is, and OpenSSL confirms the SSL* belongs to the context
     # (CPython keeps that object in the private _sslobj: what _openssl reads).
-    assert _openssl.ssl_pointer(wrapper._sslobj) != 0
+    assert _openssl.ssl_pointer(wrapper._sslobj) != 0  # type: ignore[attr-defined]

@@ -732,7 +732,12 @@ def test_listen_before_loop_then_serve_forever(pki: PKI, no_fd_leak: None) -> No
 
 
 def test_constructor_validation(pki: PKI) -> None:
-    for kwargs in ({"handshake_timeout": 0}, {"idle_timeout": -1}, {"max_connections": 0}):
+    bad: list[dict[str, Any]] = [
+        {"handshake_timeout": 0},
+        {"idle_timeout": -1},
+        {"max_connections": 0},
+    ]
+    for kwargs in bad:
         with pytest.raises(ValueError):
             TCPServer(pki.ssl_options(), **kwargs)
 
