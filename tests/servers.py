@@ -216,16 +216,24 @@ class Handled:
     alpn: str | None
     version: str | None
     cipher: tuple[str, str, int] | None
+    #: Why `identity` is None for a certificate cryptography cannot parse.
+    identity_error: str | None = None
 
     @classmethod
     def of(cls, stream: SSLIOStream) -> Handled:
+        identity, error = None, None
+        try:
+            identity = stream.peer_identity
+        except ValueError as e:  # without `authorize`, TCPServer does not parse it first
+            error = str(e)
         return cls(
-            identity=stream.peer_identity,
+            identity=identity,
             peer_certificate=stream.peer_certificate,
             server_name=stream.server_name,
             alpn=stream.selected_alpn_protocol(),
             version=stream.tls_version,
             cipher=stream.cipher,
+            identity_error=error,
         )
 
 
