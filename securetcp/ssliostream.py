@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,69 @@ _TLS_RECORD = 16384
 #: futures, and idle detection) moving during a long transfer at no cost to
 #: bulk speed.
 _TLS_WRITE_CHUNK = 4 * _TLS_RECORD
+
+
+#: How long, and how many bytes, a closing connection is drained (see `linger_close`).
+LINGER_SECONDS = 0.5
+LINGER_BYTES = 64 * 1024
+
+
+def linger_close(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Close `sock` so that what was just written (a TLS alert) reaches the peer.
+
+    Closing a socket whose receive queue holds unread bytes makes the kernel
+    send a reset, which can overtake the alert: a TLS 1.3 client whose
+    certificate was refused has usually sent its first request already, and
+    would see "connection reset" instead of the reason. So, as nginx's
+    lingering close: send FIN, then read and discard for at most
+    `LINGER_SECONDS` and `LINGER_BYTES`, then close. Without unread bytes it
+    closes at once.
+    """
+    try:
+        pending = sock.recv(LINGER_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if not pending:
+            raise ConnectionResetError  # the peer is gone already
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # nothing to drain, or the peer is gone
+        sock.close()
+        return
+    fd = sock.fileno()
+    drained = 0
+    lingering = _lingering.setdefault(loop, set())
+
+    def finish() -> None:
+        lingering.discard(finish)
+        if sock.fileno() != -1:
+            loop.remove_reader(fd)
+            timer.cancel()
+            sock.close()
+
+    def drain() -> None:
+        nonlocal drained
+        try:
+            data = sock.recv(LINGER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        drained += len(data)
+        if not data or drained >= LINGER_BYTES:
+            finish()
+
+    timer = loop.call_later(LINGER_SECONDS, finish)
+    loop.add_reader(fd, drain)
+    lingering.add(finish)
+
+
+_lingering: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def close_lingering(loop: asyncio.AbstractEventLoop) -> None:
+    """Close at once every connection `linger_close` is still draining on `loop`."""
+    for finish in list(_lingering.get(loop, ())):
+        finish()
 
 
 def _bare_ssl_object() -> ssl.SSLObject:
@@ -380,6 +444,15 @@ class SSLIOStream(IOStream):
                 self._tls_conn.shutdown()
             except (ssl.SSLError, OSError, ValueError):
                 pass
+        elif (
+            not self._handshake_done
+            and isinstance(self.handshake_error, ssl.SSLError)
+            and not isinstance(self._sock, ssl.SSLSocket)
+        ):
+            # OpenSSL wrote an alert; closing with the client's bytes unread
+            # would turn it into a reset that the client may see first.
+            linger_close(self._loop, self._sock)
+            return
         self._sock.close()
 
     def close(self, exc_info: BaseException | None = None) -> None:

@@ -41,7 +41,7 @@ from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
 from securetcp.iostream import IOStream, StreamBufferFullError
 from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
-from securetcp.ssliostream import SSLIOStream
+from securetcp.ssliostream import SSLIOStream, close_lingering
 from securetcp.tls import ServerTLS, classify_handshake_error, make_server_tls
 from securetcp.tls.sni import (
     is_securetcp_callback,
@@ -406,6 +406,8 @@ class TCPServer:
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+        if self._loop is not None:
+            close_lingering(self._loop)
         if self._tls is not None:
             self._tls.stop_reloading()
         if self._closed_event is not None:

@@ -16,6 +16,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -557,3 +558,38 @@ async def test_tlsconfig_sends_one_session_ticket(pki: PKI) -> None:
             await proc.wait()
     text = out.decode(errors="replace")
     assert text.count("NewSessionTicket") == 1, text
+
+
+# -- a refused client sees the alert, not a reset -------------------------------------
+
+
+async def test_refused_tls13_client_reads_the_alert_not_a_reset(pki: PKI, no_fd_leak: None) -> None:
+    """TLS 1.3: the client's handshake ends before the server refuses its
+    (missing) certificate, so the client has sent data the server never
+    reads. Closing with it unread sends a reset that overtakes the alert."""
+    config = TLSConfig(pki.cert_file, pki.key_file, client_auth="required", client_ca=pki.ca_file)
+    server = EchoServer(config)
+
+    refused = threading.Event()
+
+    def client(port: int) -> BaseException | None:
+        sock = socket.create_connection((HOST, port), timeout=10)
+        with pki.client_context().wrap_socket(sock, server_hostname="localhost") as tls:
+            tls.sendall(b"GET / HTTP/1.1\r\n\r\n")  # sent before the refusal
+            refused.wait(10)
+            try:
+                tls.sendall(b"more\r\n")  # what a client writes next
+                tls.recv(100)
+            except (OSError, ssl.SSLError) as e:
+                return e
+        return None
+
+    async with serving(server) as port:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, client, port)
+        await until(lambda: server.stats.failures.get("certificate", 0) == 1)
+        refused.set()
+        error = await asyncio.wait_for(future, 20)
+        assert isinstance(error, ssl.SSLError), repr(error)
+        assert "CERTIFICATE_REQUIRED" in str(error)
+        await until(lambda: server.stats.active == 0)
