@@ -31,10 +31,10 @@ from typing import Any
 
 __all__ = [
     "LibSSL",
-    "enable_read_ahead",
+    "enlarge_read_buffer",
     "libssl",
+    "prepare_connection",
     "readable",
-    "release_buffers_when_idle",
     "ssl_ctx_pointer",
     "ssl_pointer",
 ]
@@ -191,33 +191,36 @@ def ssl_pointer(tls: Any) -> int:
     return pointer
 
 
-def release_buffers_when_idle(tls: Any) -> int:
-    """Let OpenSSL free a connection's buffers whenever they empty; its ``SSL*``.
+def prepare_connection(tls: Any) -> int:
+    """Read ahead, and free buffers whenever they empty; the ``SSL*``, or 0.
 
-    Call it before the handshake: an idle connection then holds no read or
-    write buffer. Returns 0 where this module cannot help.
+    Call it before the handshake. Without read-ahead OpenSSL reads each
+    record with two system calls (header, then body); with it, one call
+    takes what the socket has, up to the read buffer (OpenSSL's default,
+    ~16.7 KiB, until `enlarge_read_buffer`): a handshake then reads in two
+    or three calls instead of eight or more. Buffers are released whenever
+    they empty, so an idle connection holds none. The price of read-ahead
+    is that bytes may wait inside OpenSSL undecrypted, where neither the
+    socket's readiness nor ``pending()`` shows them: the caller must check
+    ``SSL_has_pending`` (`LibSSL.has_pending`) before waiting for readiness.
     """
     lib = libssl()
     pointer = ssl_pointer(tls) if lib is not None else 0
     if not pointer or lib is None:
         return 0
     lib.ssl_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_RELEASE_BUFFERS, None)
+    lib.set_read_ahead(pointer, 1)
     return pointer
 
 
-def enable_read_ahead(pointer: int) -> None:
-    """Turn on read-ahead for the connection whose ``SSL*`` is `pointer`.
+def enlarge_read_buffer(pointer: int) -> None:
+    """Give the connection whose ``SSL*`` is `pointer` a `READ_BUFFER_LEN` read buffer.
 
-    Without read-ahead OpenSSL reads each record with two system calls
-    (header, then body); with it, one call fills a `READ_BUFFER_LEN` buffer
-    (several records). Called once the handshake is done, so a ClientHello
-    never gets the large buffer (a flood of them costs OpenSSL's default).
-    The price is that bytes may then wait inside OpenSSL undecrypted, where
-    neither the socket's readiness nor ``pending()`` shows them: the caller
-    must check ``SSL_has_pending`` (`LibSSL.has_pending`) before waiting.
+    Called once the handshake is done (so a ClientHello never gets the large
+    buffer: a flood of them costs OpenSSL's default); it applies from the
+    next buffer OpenSSL allocates, i.e. once the current one has emptied.
     """
     lib = libssl()
     if lib is None or not pointer:
         return
     lib.set_read_buffer_len(pointer, READ_BUFFER_LEN)
-    lib.set_read_ahead(pointer, 1)

@@ -6,9 +6,9 @@ it wraps itself with OpenSSL's connection object, without the
 ``ssl.SSLSocket`` layer (what `TCPServer` does: less memory and time per
 connection). Reads and writes call OpenSSL's connection object directly.
 
-All TLS state lives here, including OpenSSL's read-ahead: once the handshake
-is done, server connections read ahead into a 66 KiB buffer
-(`securetcp._openssl`), so one system call pulls in several records. Bytes
+All TLS state lives here, including OpenSSL's read-ahead (`securetcp._openssl`):
+one system call pulls in several records, into OpenSSL's default buffer during
+the handshake and a 66 KiB one once it is done. Bytes
 inside OpenSSL do not make the socket readable, so before waiting for
 readiness the stream asks OpenSSL whether it holds any: `_input_buffered`
 is the one place that rule lives.
@@ -23,7 +23,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from securetcp._openssl import enable_read_ahead, libssl, release_buffers_when_idle
+from securetcp._openssl import enlarge_read_buffer, libssl, prepare_connection
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.tls.sni import (
@@ -187,9 +187,9 @@ class SSLIOStream(IOStream):
             self._tls_conn = getattr(sock, "_sslobj", None) or sock
         else:
             raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
-        # Read-ahead waits for the end of the handshake (a ClientHello gets
-        # OpenSSL's default buffer); buffers are released whenever they empty.
-        self._tls_ptr = release_buffers_when_idle(self._tls_conn)
+        # Read-ahead from the start, in OpenSSL's default buffer until the
+        # handshake is done (see _openssl.prepare_connection).
+        self._tls_ptr = prepare_connection(self._tls_conn)
         # OpenSSL's connection object once the handshake is done: reads and
         # writes then go to it directly, past ssl.py's wrappers.
         self._tls: Any = None
@@ -298,7 +298,7 @@ class SSLIOStream(IOStream):
             self._write_held = False
             self._tls = self._tls_conn  # application data may flow now
             if self._tls_ptr:
-                enable_read_ahead(self._tls_ptr)
+                enlarge_read_buffer(self._tls_ptr)
         else:
             self.handshake_error = error
             self.close(error)

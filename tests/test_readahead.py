@@ -31,7 +31,7 @@ def read_ahead(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "fallback":
         # No public switch turns read-ahead off: this is the seam the stream
         # itself falls back through when ctypes cannot reach OpenSSL.
-        monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
+        monkeypatch.setattr(ssliostream, "prepare_connection", lambda tls: 0)
         return False
     if _openssl.libssl() is None:
         pytest.skip("libssl not reachable through ctypes")

@@ -151,7 +151,7 @@ def test_burst_of_records_in_one_segment(
         pytest.skip("libssl not reachable through ctypes")
     if not read_ahead:
         # The stream's own fallback seam (no public switch turns read-ahead off).
-        monkeypatch.setattr(ssliostream, "release_buffers_when_idle", lambda tls: 0)
+        monkeypatch.setattr(ssliostream, "prepare_connection", lambda tls: 0)
     chunks = [bytes([97 + i % 26]) * 50 for i in range(300)]
 
     async def test() -> None:

@@ -151,10 +151,10 @@ class TLSConfig(ServerTLS):
     the default certificate covers, and clients sending no SNI, are still
     served). ``password`` decrypts every key. ``keylog_file`` (else
     $SSLKEYLOGFILE) receives TLS secrets. ``session_tickets=False`` disables
-    resumption tickets (otherwise one TLS 1.3 ticket is sent per handshake). With ``reload_interval`` (seconds), changed files
-    are re-read once they have stopped changing and, once valid, used for new
-    connections; a broken set is logged once and the old certificate stays
-    in use.
+    resumption tickets (otherwise one TLS 1.3 ticket is sent per handshake).
+    With ``reload_interval`` (seconds), changed files are re-read once they
+    have stopped changing and, once valid, used for new connections; a
+    broken set is logged once and the old certificate stays in use.
 
     Everything is loaded and checked here: any problem raises
     :class:`SSLOptionsError`.
