@@ -192,6 +192,25 @@ def self_signed(
     return builder.sign(key, hashes.SHA256())
 
 
+def encrypt_key(
+    key_path: Path,
+    password: bytes,
+    *,
+    out: Path | None = None,
+    key_format: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+) -> Path:
+    """Write the key in `key_path` encrypted with `password` (to `out`, by
+    default ``<name>.enc.key`` beside it); return the new file."""
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    out = out or key_path.with_suffix(".enc.key")
+    out.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, key_format, serialization.BestAvailableEncryption(password)
+        )
+    )
+    return out
+
+
 def pem_pair(cert: x509.Certificate, key: PrivateKey) -> bytes:
     """`cert` and `key` as one PEM file (what a combined certfile holds)."""
     return cert.public_bytes(serialization.Encoding.PEM) + _key_pem(key)

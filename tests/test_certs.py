@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from certbuilder import PKI, self_signed, utcnow
+from certbuilder import PKI, encrypt_key, self_signed, utcnow
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -25,19 +25,6 @@ from securetcp.certs import CertificateFileError
 @pytest.fixture
 def pki(tmp_path: Path) -> PKI:
     return PKI(tmp_path / "pki")
-
-
-def encrypt_key(key_path: Path, password: bytes) -> Path:
-    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-    out = key_path.with_suffix(".enc.key")
-    out.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(password),
-        )
-    )
-    return out
 
 
 # -- load_pem_certificates ---------------------------------------------------

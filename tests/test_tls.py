@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from certbuilder import PKI, leaf_of, utcnow
+from certbuilder import PKI, encrypt_key, leaf_of, utcnow
 from cryptography.hazmat.primitives import serialization
 from servers import EchoServer, ServerThread, tls_connect
 
@@ -93,14 +93,11 @@ def test_key_does_not_match(pki: PKI, pair: tuple[Path, Path]) -> None:
 
 
 def test_key_needs_a_password(pair: tuple[Path, Path], tmp_path: Path) -> None:
-    key = serialization.load_pem_private_key(pair[1].read_bytes(), None)
-    encrypted = tmp_path / "enc.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.BestAvailableEncryption(b"pw"),
-        )
+    encrypted = encrypt_key(
+        pair[1],
+        b"pw",
+        out=tmp_path / "enc.key",
+        key_format=serialization.PrivateFormat.TraditionalOpenSSL,
     )
     message = error_of(options(pair, keyfile=str(encrypted)))
     assert "ssl_options['keyfile']" in message and "needs a password" in message

@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 import trustme
-from certbuilder import PKI, leaf_of, pem_pair, self_signed, utcnow
+from certbuilder import PKI, encrypt_key, leaf_of, pem_pair, self_signed, utcnow
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from servers import EchoServer, ServerThread, s_client, tls_connect
 
@@ -104,15 +103,7 @@ def test_dated_certificates_refused(pki: PKI) -> None:
 
 
 def test_encrypted_key_password(pair: Pair, pki: PKI, tmp_path: Path) -> None:
-    key = serialization.load_pem_private_key(pair[1].read_bytes(), None)
-    encrypted = tmp_path / "enc.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"hunter2"),
-        )
-    )
+    encrypted = encrypt_key(pair[1], b"hunter2", out=tmp_path / "enc.key")
     assert "needs a password" in config_error(pair[0], encrypted)
     assert "wrong password" in config_error(pair[0], encrypted, password="nope")
     config = TLSConfig(pair[0], encrypted, password="hunter2")
