@@ -43,6 +43,17 @@ async def until(
         await asyncio.sleep(0.005)
 
 
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 5.0, message: str = "condition"
+) -> None:
+    """`until` for plain (blocking) tests: poll `predicate`, fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(0.005)  # polling interval, not a wait for the condition
+
+
 def server_context(pki: Any) -> ssl.SSLContext:
     """A server-side context with the PKI's server certificate."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -345,11 +356,11 @@ class ServerThread:
 
     def wait_for_failures(self, expected: dict[str, int], timeout: float = 5.0) -> None:
         """Wait until ``stats.failures`` (failed handshakes by kind) is `expected`."""
-        deadline = time.monotonic() + timeout
-        while (failures := self.stats.failures) != expected:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"failures are {failures}, not {expected}, after {timeout} s")
-            time.sleep(0.005)  # polling interval, not a wait for the condition
+        wait_until(
+            lambda: self.stats.failures == expected,
+            timeout,
+            f"failures == {expected} (now {self.stats.failures})",
+        )
 
 
 # ------------------------------------------------------- blocking clients

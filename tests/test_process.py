@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from servers import wait_until
 
 from securetcp.process import cpu_count, fork_processes, task_id
 
@@ -44,14 +44,6 @@ def run_script(body: str, out: Path, timeout: float = 30) -> subprocess.Complete
 
 def records(out: Path, prefix: str) -> dict[str, str]:
     return {p.name: p.read_text() for p in out.glob(prefix + "*") if not p.name.endswith(".tmp")}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.01)  # polling interval, not a wait for the condition
 
 
 def alive(pid: int) -> bool:
@@ -187,7 +179,7 @@ def start_server(
         start_new_session=True,  # its own process group, for the reaper
     )
     reaper.append(proc.pid)
-    wait_for(lambda: len(records(out, "pid-")) == 2 or proc.poll() is not None)
+    wait_until(lambda: len(records(out, "pid-")) == 2 or proc.poll() is not None, 10)
     assert proc.poll() is None, proc.communicate(timeout=10)
     return proc, [int(pid) for pid in records(out, "pid-").values()]
 
@@ -220,4 +212,4 @@ def test_children_die_with_killed_parent(tmp_path: Path, reaper: list[int]) -> N
     proc, pids = start_server(tmp_path, "default", reaper)
     proc.kill()
     proc.communicate(timeout=10)
-    wait_for(lambda: not any(alive(pid) for pid in pids))
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "the children to exit")
