@@ -796,3 +796,24 @@ def test_runs_on_uvloop(pki: PKI) -> None:
         assert loop.run_until_complete(asyncio.wait_for(main(), 20)) == b"on uvloop" * 10_000
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--plain", "--client-auth", "required"], "--client-auth needs TLS"),
+        (["--plain", "--upstream-key", "k.pem"], "--upstream-key needs --upstream-cert"),
+        (["--plain", "--send-proxy", "v3"], "expected v1 or v2"),
+        (["--plain", "--upstream-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+        (["--plain", "--connect-timeout", "0"], "connect_timeout"),
+    ],
+)
+def test_configuration_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from securetcp.cli import main
+
+    status = main(["proxy", "--listen", "0", "--upstream", "127.0.0.1:1", *argv])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and "Traceback" not in err, err
