@@ -57,17 +57,23 @@ def linger_close(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     Closing a socket whose receive queue holds unread bytes makes the kernel
     send a reset, which can overtake the alert: a TLS 1.3 client whose
     certificate was refused has usually sent its first request already, and
-    would see "connection reset" instead of the reason. So, as nginx's
-    lingering close: send FIN, then read and discard for at most
-    `LINGER_SECONDS` and `LINGER_BYTES`, then close. Without unread bytes it
-    closes at once.
+    would see "connection reset" instead of the reason (and bytes it sends
+    after the alert would draw a reset too). So, as nginx's lingering close:
+    send FIN, then read and discard until the peer closes, for at most
+    `LINGER_SECONDS` and `LINGER_BYTES`, then close. A peer that has closed
+    already is closed at once.
     """
     try:
-        pending = sock.recv(LINGER_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        if not pending:
-            raise ConnectionResetError  # the peer is gone already
+        if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            raise ConnectionResetError  # the peer has closed: nothing more comes
+    except BlockingIOError:
+        pass  # nothing unread now, but the peer may still be sending
+    except OSError:
+        sock.close()
+        return
+    try:
         sock.shutdown(socket.SHUT_WR)
-    except OSError:  # nothing to drain, or the peer is gone
+    except OSError:
         sock.close()
         return
     fd = sock.fileno()
