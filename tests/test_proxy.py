@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import shlex
 import socket
 import ssl
@@ -608,6 +609,40 @@ async def test_an_upstream_that_never_reads_pushes_back_on_the_client(
         finally:
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
+                await sending
+            sock.close()
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer of `sock` has closed its end (POLLHUP), without reading."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLHUP)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+async def test_idle_timeout_also_closes_a_stalled_upstream(
+    tmp_path: Path, no_fd_leak: None
+) -> None:
+    # The upstream never reads: the proxy's write to it blocks, the client's
+    # stream goes quiet and idle_timeout closes it; the upstream connection
+    # must go with it, not wait for the hung upstream.
+    upstream = Sink()
+    async with unix_chain(upstream, tmp_path, idle_timeout=0.5) as (proxy, path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, path)
+        sending = asyncio.ensure_future(loop.sock_sendall(sock, b"s" * OFFERED))
+        try:
+            await until(lambda: upstream.streams, message="the upstream connection")
+            await until(lambda: proxy.stats.active == 0, timeout=10, message="the idle drop")
+            # The proxy closed its upstream connection (seen without reading,
+            # which would unblock the proxy's write).
+            await until(lambda: hung_up(upstream.streams[0].socket), message="the upstream closed")
+            assert proxy.stats.failures == {}  # an idle drop is not a failure
+        finally:
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
                 await sending
             sock.close()
 

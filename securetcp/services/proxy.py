@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -310,6 +311,11 @@ class TLSProxy(TCPServer):
         self._upstreams.add(upstream)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("client %s: connected to upstream %s", _where(address), _where(self.upstream))
+        # A pump blocked writing to a peer that stopped reading is woken only
+        # by that peer's stream closing: when one side closes, see to the other.
+        timers: list[asyncio.TimerHandle] = []
+        stream.set_close_callback(functools.partial(self._side_closed, stream, upstream, timers))
+        upstream.set_close_callback(functools.partial(self._side_closed, upstream, stream, timers))
         back = asyncio.ensure_future(_pump(upstream, stream))
         try:
             await _pump(stream, upstream)
@@ -317,7 +323,27 @@ class TLSProxy(TCPServer):
         finally:
             if not back.done():
                 back.cancel()
+            for timer in timers:
+                timer.cancel()
             self._finish(stream, upstream, address)
+
+    def _side_closed(
+        self, closed: IOStream, other: IOStream, timers: list[asyncio.TimerHandle]
+    ) -> None:
+        """One side's stream closed; make sure the other cannot outlive it for ever.
+
+        After an error or a timeout (idle_timeout, say) the other side is
+        aborted at once. After a clean end, the pump still delivers what it
+        read, but a peer that stopped reading gets at most `idle_timeout`
+        for it.
+        """
+        if other.closed():
+            return
+        error = closed.error
+        if error is not None and not isinstance(error, _PeerBroke):
+            _abort(other)
+        elif self.idle_timeout is not None:
+            timers.append(asyncio.get_running_loop().call_later(self.idle_timeout, _abort, other))
 
     def _upstream_failed(self, address: Any, error: BaseException) -> None:
         self._count(UPSTREAM)
