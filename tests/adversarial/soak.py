@@ -39,11 +39,13 @@ from typing import Any
 
 import trustme
 
+from . import tlswire
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-
-import tlswire  # noqa: E402
+# Run as `python -m adversarial.soak` from tests/ (scripts/soak does); so are
+# the load processes.
+PYTHONPATH = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
 
 HOST = "127.0.0.1"
 MIB = 2**20
@@ -263,10 +265,18 @@ class Server:
 def start_load(
     port: int, pki: Path, processes: int, concurrency: int
 ) -> list[subprocess.Popen[str]]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     return [
         subprocess.Popen(
-            [sys.executable, __file__, "--load", str(port), str(pki), str(concurrency)],
+            [
+                sys.executable,
+                "-m",
+                "adversarial.soak",
+                "--load",
+                str(port),
+                str(pki),
+                str(concurrency),
+            ],
             stdout=subprocess.PIPE,
             text=True,
             env=env,

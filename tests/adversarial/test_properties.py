@@ -55,7 +55,8 @@ def split_by(data: bytes, sizes: list[int]) -> list[bytes]:
 
 def until_frames(data: bytes, delimiter: bytes, max_bytes: int | None) -> tuple[list[bytes], str]:
     """The reference: frames read_until returns, and how the reading ends."""
-    frames, start = [], 0
+    frames: list[bytes] = []
+    start = 0
     while True:
         end = data.find(delimiter, start)
         if end == -1:

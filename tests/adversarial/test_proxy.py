@@ -102,7 +102,7 @@ async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SS
 
         def dropped() -> bool:
             peak[0] = max(peak[0], server.rss())
-            return server.stats()["active"] == 0
+            return bool(server.stats()["active"] == 0)
 
         await apoll(stalled(server), IDLE, "the connection to stall")
         await good_client(server.port, context)
@@ -149,7 +149,7 @@ async def test_upstream_floods_a_client_that_never_reads(
 
         def dropped() -> bool:
             peak[0] = max(peak[0], server.rss())
-            return server.stats()["active"] == 0
+            return bool(server.stats()["active"] == 0)
 
         await apoll(lambda: server.stats()["bytes_sent"] > 2**20, 5.0, "the flood to start")
         await apoll(stalled(server), IDLE, "the connection to stall")

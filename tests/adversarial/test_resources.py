@@ -135,7 +135,7 @@ async def test_client_that_never_reads(
 
             def dropped() -> bool:
                 peak[0] = max(peak[0], server.rss())
-                return server.stats()["active"] == 0
+                return bool(server.stats()["active"] == 0)
 
             # Others are served while it stalls.
             await apoll(lambda: server.stats()["bytes_sent"] > 0, 5.0, "the server writing")
