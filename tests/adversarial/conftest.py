@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 from conftest import PKI
 
-from .helpers import KINDS, ServerProcess, target_process, warmed_baseline
+from .helpers import ALL_KINDS, ServerProcess, target_process, warmed_baseline
 
 HANDSHAKE_TIMEOUT = 2.0
 """The attacked echo server's handshake_timeout (short, so slow attacks end soon)."""
@@ -29,15 +29,16 @@ def context(pki: PKI) -> ssl.SSLContext:
     return pki.client_context()
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=ALL_KINDS)
 def echo(
     request: pytest.FixtureRequest,
     pki: PKI,
     context: ssl.SSLContext,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Target]:
-    """securetcp's echo service, then its TLS proxy in front of a plain echo
-    upstream, each in its own process, handshake_timeout 2 s."""
+    """securetcp's echo service, its TLS proxy in front of a plain echo
+    upstream, and the echo service on uvloop, each in its own process,
+    handshake_timeout 2 s."""
     tmp = tmp_path_factory.mktemp(request.param)
     with target_process(
         request.param, pki, tmp, "--handshake-timeout", str(HANDSHAKE_TIMEOUT)

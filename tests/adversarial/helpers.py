@@ -156,6 +156,9 @@ KINDS = ("echo", "proxy")
 """The servers every case runs against: securetcp's echo service, and its TLS
 proxy in front of a plain echo upstream (tests/adversarial/upstream.py)."""
 
+ALL_KINDS = (*KINDS, "echo-uvloop")
+"""For the cheaper cases, also the echo service on uvloop (`run(loop="uvloop")`)."""
+
 
 @contextlib.contextmanager
 def upstream_process() -> Iterator[int]:
@@ -177,8 +180,9 @@ def upstream_process() -> Iterator[int]:
 @contextlib.contextmanager
 def target_process(kind: str, pki: Any, tmp_path: Path, *args: str) -> Iterator[ServerProcess]:
     """`server_process` of the echo service, or of the proxy with its own upstream."""
-    if kind == "echo":
-        with server_process(pki, tmp_path, *args) as server:
+    if kind in ("echo", "echo-uvloop"):
+        loop = "uvloop" if kind == "echo-uvloop" else "asyncio"
+        with server_process(pki, tmp_path, "--loop", loop, *args) as server:
             yield server
         return
     with (

@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--count-objects", action="store_true", help="for scripts/soak")
     parser.add_argument("--upstream", help="HOST:PORT: run securetcp's TLSProxy to it")
     parser.add_argument("--connect-timeout", type=float, default=5.0)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
     global COUNT_OBJECTS
     COUNT_OBJECTS = args.count_objects
@@ -188,7 +189,7 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1 + args.nofile_headroom, hard))
 
     server.port = port
-    server.run()
+    server.run(loop=args.loop)
     emit("exit", **stats_fields(server))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import PKI
 
-from .helpers import HOST, KINDS, apoll, good_client, proc_fds, target_process
+from .helpers import ALL_KINDS, HOST, KINDS, apoll, good_client, proc_fds, target_process
 
 PROBE_TIMEOUT = 5.0
 
@@ -99,7 +99,7 @@ async def test_worker_killed_under_fork_processes(
         assert status == 0, server.stderr()[-2000:]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 async def test_sigterm_during_transfers(
     pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
 ) -> None:

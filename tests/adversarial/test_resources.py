@@ -21,6 +21,7 @@ from .helpers import (
     good_client,
     server_process,
     stalled,
+    target_process,
     warmed_baseline,
 )
 
@@ -49,14 +50,17 @@ def accept_failing(server: ServerProcess) -> bool:
     return "Too many open files" in server.stderr()
 
 
-async def test_descriptor_exhaustion(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["echo", "echo-uvloop"])
+async def test_descriptor_exhaustion(
+    pki: PKI, context: ssl.SSLContext, tmp_path: Path, kind: str
+) -> None:
     """accept() fails with EMFILE: the server pauses (low CPU), then serves again.
 
     Connections that arrive meanwhile wait in the kernel's queue and are
     served once descriptors free up.
     """
-    with server_process(
-        pki, tmp_path, "--nofile-headroom", str(HEADROOM), "--handshake-timeout", "20"
+    with target_process(
+        kind, pki, tmp_path, "--nofile-headroom", str(HEADROOM), "--handshake-timeout", "20"
     ) as server:
         baseline = await asyncio.to_thread(warmed_baseline, server, context)
         release = asyncio.Event()
