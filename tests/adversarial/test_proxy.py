@@ -79,7 +79,6 @@ async def test_upstream_refuses(pki: PKI, context: ssl.SSLContext, tmp_path: Pat
         await apoll(lambda: server.fds() <= baseline, 10.0, "descriptors back to baseline")
 
 
-@pytest.mark.xfail(strict=True, reason="defects.md R4: the upstream connection outlives the client")
 async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SSLContext) -> None:
     """The upstream never reads: the client's bytes back up (bounded memory), and
     idle_timeout ends the connection; a good client is served meanwhile."""
