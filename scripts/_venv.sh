@@ -10,15 +10,18 @@ ensure_venv() {
   local python="${3:-${PYTHON:-python3}}"
   if [ ! -x "$venv/bin/python" ]; then
     echo "Creating $venv with $($python --version 2>&1)"
-    "$python" -m venv "$venv"
+    "$python" -m venv "$venv" || return 1
   fi
   # Keep extra venvs (.venv-3.X) out of git without touching .gitignore.
   [ -f "$venv/.gitignore" ] || echo '*' >"$venv/.gitignore"
   local stamp="$venv/.installed${extras//[^a-z]/-}"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "Installing securetcp${extras} into $venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+    # Explicit returns: callers may run this where `set -e` does not apply.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip \
+      || return 1
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".${extras}" \
+      || return 1
     touch "$stamp"
   fi
 }
