@@ -64,6 +64,7 @@ class LibSSL:
     has_pending: Callable[[int], int]
     set_read_ahead: Callable[[int, int], None]
     set_read_buffer_len: Callable[[int, int], None]
+    shutdown: Callable[[int], int]
 
 
 def _open() -> LibSSL:
@@ -91,6 +92,7 @@ def _open() -> LibSSL:
         has_pending=function("SSL_has_pending", c_int, vp),
         set_read_ahead=function("SSL_set_read_ahead", None, vp, c_int),
         set_read_buffer_len=function("SSL_set_default_read_buffer_len", None, vp, ctypes.c_size_t),
+        shutdown=function("SSL_shutdown", c_int, vp),
     )
 
 

@@ -141,6 +141,7 @@ class IOStream:
         "_done",
         "_eof",
         "_fd",
+        "_half_close",
         "_loop",
         "_max_buffer_size",
         "_max_write_buffer_size",
@@ -155,10 +156,12 @@ class IOStream:
         "_read_wants_write",
         "_reading",
         "_scratch",
+        "_shut_future",
         "_sock",
         "_wfutures",
         "_wqueue",
         "_write_held",
+        "_write_shut",
         "_writing",
         "_wsize",
         "error",
@@ -173,12 +176,19 @@ class IOStream:
         read_chunk_size: int | None = None,
         max_write_buffer_size: int | None = None,
         on_close: Callable[[IOStream], None] | None = None,
+        half_close: bool = False,
     ) -> None:
         """Wrap the connected socket `sock` (made non-blocking).
 
         `on_close(stream)` is called synchronously when the stream closes,
         before any close callback: it is for the stream's owner (a server
         keeping count), where `set_close_callback` is for the application.
+
+        By default the stream closes at the peer's end of stream (once queued
+        writes are flushed). With `half_close`, the peer's end of stream only
+        ends reading (reads then fail with `StreamClosedError`): writing goes
+        on until you `close()` or `shutdown_write()`, so a client that sends
+        its request and half-closes still gets the whole answer.
         """
         sock.setblocking(False)
         self._sock = sock
@@ -199,6 +209,9 @@ class IOStream:
         self._reading = False
         self._read_wants_write = False  # a read waits for writability (TLS key update)
         self._eof = False
+        self._half_close = half_close
+        self._write_shut = False  # shutdown_write() done: FIN (close_notify) sent
+        self._shut_future: asyncio.Future[None] | None = None
         # Lists, not deques: an empty deque costs ~600 bytes per idle connection.
         self._wqueue: list[bytes | bytearray | memoryview] = []
         self._wsize = 0
@@ -491,6 +504,12 @@ class IOStream:
     def _on_eof(self) -> None:
         self._eof = True
         self._remove_reader()
+        if self._half_close:
+            # Reading is over; writing goes on until the owner is done.
+            self._fail_read(None)
+            if self._write_shut:
+                self.close()
+            return
         if self._wqueue:
             # Let queued writes reach the peer first; close once flushed.
             self._fail_read(None)
@@ -515,6 +534,8 @@ class IOStream:
         """
         if type(data) is not bytes and type(data) is not bytearray:
             data = memoryview(data).cast("B")  # lengths in bytes, not items
+        if self._write_shut or self._shut_future is not None:
+            raise RuntimeError("write() after shutdown_write()")
         queue = self._wqueue
         if not queue and not self._write_held and not self._closed:
             # The common case: the kernel takes it all at once.
@@ -603,8 +624,45 @@ class IOStream:
         if not queue and self._writing and not self._read_wants_write:
             self._writing = False
             self._loop.remove_writer(self._fd)
-            if self._eof:
+            if self._shut_future is not None:
+                self._finish_shutdown_write()
+            elif self._eof and not self._half_close:
                 self.close()
+
+    def shutdown_write(self) -> asyncio.Future[None]:
+        """Send end of stream (a FIN; TLS: close_notify) once queued writes are out.
+
+        Reading goes on (for a `half_close` stream, until the peer's end of
+        stream, which then closes the stream). No write may follow. The
+        future resolves once the end of stream was handed to the kernel.
+        """
+        future: asyncio.Future[None] = self._loop.create_future()
+        future.add_done_callback(_silence)
+        if self._closed or self._write_shut or self._shut_future is not None:
+            future.set_exception(StreamClosedError(real_error=self.error))
+            return future
+        self._shut_future = future
+        if not self._wqueue and not self._write_held:
+            self._finish_shutdown_write()
+        return future
+
+    def _finish_shutdown_write(self) -> None:
+        future, self._shut_future = self._shut_future, None
+        self._write_shut = True
+        try:
+            self._send_end_of_stream()
+        except OSError as e:
+            self.close(e)
+        if future is not None and not future.done():
+            if self._closed and self.error is not None:
+                future.set_exception(StreamClosedError(real_error=self.error))
+            else:
+                future.set_result(None)
+        if self._eof and not self._closed:
+            self.close()  # both directions have ended
+
+    def _send_end_of_stream(self) -> None:
+        self._sock.shutdown(socket.SHUT_WR)
 
     # ----------------------------------------------------------------- close
 
@@ -635,6 +693,9 @@ class IOStream:
         self._wfutures.clear()
         self._wqueue.clear()
         self._wsize = 0
+        if self._shut_future is not None and not self._shut_future.done():
+            self._shut_future.set_exception(error)
+        self._shut_future = None
         hook = self._on_close
         if hook is not None:
             self._on_close = None

@@ -157,6 +157,7 @@ class SSLIOStream(IOStream):
         read_chunk_size: int | None = None,
         max_write_buffer_size: int | None = None,
         on_close: Callable[[IOStream], None] | None = None,
+        half_close: bool = False,
     ) -> None:
         super().__init__(
             sock,
@@ -164,6 +165,7 @@ class SSLIOStream(IOStream):
             read_chunk_size=read_chunk_size,
             max_write_buffer_size=max_write_buffer_size,
             on_close=on_close,
+            half_close=half_close,
         )
         self._write_held = True  # until the handshake completes
         self._ssl_object: ssl.SSLObject | None = None
@@ -370,8 +372,9 @@ class SSLIOStream(IOStream):
                 n = tls.read(full, scratch)
             except ssl.SSLWantReadError:
                 return
-            except ssl.SSLEOFError:
-                # The peer closed without close_notify: a normal end of stream.
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                # The peer closed, with close_notify or without (ragged EOF,
+                # which most TLS peers do): an end of stream either way.
                 self._on_eof()
                 return
             except ssl.SSLWantWriteError:
@@ -434,6 +437,21 @@ class SSLIOStream(IOStream):
             self._bytes_sent += sent
         return total
 
+    def _send_end_of_stream(self) -> None:
+        """Send close_notify, once, and keep reading what the peer still sends.
+
+        ``SSLObject.shutdown()`` would wait for the peer's close_notify and
+        discard the data before it; OpenSSL's SSL_shutdown called once only
+        sends ours. Without that call (no ctypes path) a TCP FIN ends the
+        direction instead (a TLS peer may call that a truncation).
+        """
+        lib = _libssl
+        if self._tls_ptr and lib is not None and self._handshake_done:
+            if lib.shutdown(self._tls_ptr) >= 0:
+                return
+            lib.clear_errors()  # leave no stale error for the ssl module
+        self._sock.shutdown(socket.SHUT_WR)
+
     def _want_read_for_write(self) -> None:
         # TLS must read before it can write (a key update); the reader, once
         # registered, reads and the writer's next turn retries.
@@ -443,7 +461,7 @@ class SSLIOStream(IOStream):
     # --------------------------------------------------------------- close
 
     def _close_socket(self, graceful: bool) -> None:
-        if graceful and self._handshake_done and not self._eof:
+        if graceful and self._handshake_done and not self._eof and not self._write_shut:
             # Send close_notify so the peer sees a clean end of stream; the
             # peer's reply is not awaited.
             try:

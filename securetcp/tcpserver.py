@@ -153,6 +153,11 @@ class TCPServer:
     None means loopback only).
     """
 
+    #: Streams keep writing after the peer's end of stream (see `IOStream`'s
+    #: `half_close`): for servers that answer, or relay, after the client
+    #: half-closed. The handler must then close its stream.
+    half_close: bool = False
+
     def __init__(
         self,
         ssl_options: SSLOptions = None,
@@ -520,6 +525,7 @@ class TCPServer:
                     read_chunk_size=self.read_chunk_size,
                     max_write_buffer_size=self.max_write_buffer_size,
                     on_close=self._on_stream_closed,
+                    half_close=self.half_close,
                 )
             else:
                 # Wrapped by the stream itself: no ssl.SSLSocket layer.
@@ -530,6 +536,7 @@ class TCPServer:
                     read_chunk_size=self.read_chunk_size,
                     max_write_buffer_size=self.max_write_buffer_size,
                     on_close=self._on_stream_closed,
+                    half_close=self.half_close,
                 )
         except (OSError, ValueError, ssl.SSLError) as e:
             # Reset before we could wrap it: count it like a handshake EOF.

@@ -593,3 +593,123 @@ async def test_refused_tls13_client_reads_the_alert_not_a_reset(pki: PKI, no_fd_
         assert isinstance(error, ssl.SSLError), repr(error)
         assert "CERTIFICATE_REQUIRED" in str(error)
         await until(lambda: server.stats.active == 0)
+
+
+# -- half-close: the answer after the client's end of stream --------------------------
+
+
+def tls_half_close_exchange(port: int, context: ssl.SSLContext, payload: bytes) -> bytes:
+    """A TLS client that sends `payload`, then close_notify, then reads the answer
+    until the server's close_notify (an SSLObject over memory BIOs: the stdlib's
+    sockets cannot half-close TLS)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+
+        def flush() -> None:
+            data = outgoing.read()
+            if data:
+                sock.sendall(data)
+
+        def pump() -> bool:
+            data = sock.recv(65536)
+            if data:
+                incoming.write(data)
+            else:
+                incoming.write_eof()
+            return bool(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flush()
+                pump()
+        flush()
+        tls.write(payload)
+        try:
+            tls.unwrap()  # sends close_notify, then wants the server's
+        except ssl.SSLWantReadError:
+            pass
+        flush()
+        answer = bytearray()
+        while True:
+            try:
+                answer += tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not pump():
+                    break
+            except ssl.SSLZeroReturnError:
+                break  # the server's close_notify: the answer is complete
+    return bytes(answer)
+
+
+@pytest.mark.parametrize("size", [65536, 200_000])
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+async def test_half_close_finishes_the_echo(
+    kind: str, size: int, pki: PKI, no_fd_leak: None
+) -> None:
+    """A client that half-closes after its request gets every byte back (the
+    echo used to close at the end of stream, losing what it had just read)."""
+    payload = os.urandom(size)
+    server = EchoServer(pki.ssl_options() if kind == "tls" else None)
+    async with serving(server) as port:
+        for _ in range(5):
+            if kind == "plain":
+                reader, writer = await asyncio.open_connection(HOST, port)
+                writer.write(payload)
+                writer.write_eof()
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+            else:
+                answer = await asyncio.wait_for(
+                    asyncio.to_thread(tls_half_close_exchange, port, pki.client_context(), payload),
+                    20,
+                )
+            assert len(answer) == size and answer == payload
+        await until(lambda: server.stats.active == 0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+async def test_shutdown_write_then_keep_reading(kind: str, pki: PKI, no_fd_leak: None) -> None:
+    """shutdown_write() ends our direction (FIN / close_notify); reading goes on
+    until the peer ends too, which closes the stream (cleanly: no error)."""
+    heard: list[bytes] = []
+    errors: list[BaseException | None] = []
+
+    class Answerer(TCPServer):
+        half_close = True
+
+        async def handle_stream(self, stream: IOStream, address: Any) -> None:
+            try:
+                await stream.write(b"bye\n")
+                await stream.shutdown_write()
+                with pytest.raises(RuntimeError):
+                    stream.write(b"too late")
+                try:
+                    heard.append(await stream.read_until(b"\n"))
+                    await stream.read_bytes(1)
+                except StreamClosedError:
+                    pass  # the peer's end of stream, after ours: the stream closed
+                errors.append(stream.error)
+                assert stream.closed()
+            finally:
+                stream.close()
+
+    server = Answerer(pki.ssl_options() if kind == "tls" else None)
+    async with serving(server) as port:
+        if kind == "tls":
+            # (asyncio's TLS client answers close_notify by closing: no more data.)
+            reader, writer = await open_tls(port, pki.client_context())
+        else:
+            reader, writer = await asyncio.open_connection(HOST, port)
+        assert await asyncio.wait_for(reader.read(), 10) == b"bye\n"  # then end of stream
+        if kind == "plain":
+            writer.write(b"still listening?\n")
+            writer.write_eof()
+        await until(lambda: bool(errors))
+        await close_writer(writer)
+        await until(lambda: server.stats.active == 0)
+    assert heard == ([b"still listening?\n"] if kind == "plain" else [])
+    assert errors == [None]

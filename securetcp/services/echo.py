@@ -15,7 +15,13 @@ log = logging.getLogger("securetcp.echo")
 
 
 class EchoServer(TCPServer):
-    """Echo every byte back to the client until it closes the connection."""
+    """Echo every byte back to the client until it closes the connection.
+
+    A client's half-close (``shutdown(SHUT_WR)``, or TLS close_notify) ends
+    the echo once everything it sent has come back; then the connection closes.
+    """
+
+    half_close = True
 
     async def handle_stream(self, stream: IOStream, address: Any) -> None:
         """Echo `stream` until the peer closes it."""
