@@ -463,6 +463,47 @@ async def test_client_eof_reaches_the_upstream_after_its_data(no_fd_leak: None) 
             sock.close()
 
 
+class Replier(TCPServer):
+    """Reads until the client's end of stream, then answers (a half-close server)."""
+
+    half_close = True
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+        try:
+            data = await stream.read_until_close()
+            await stream.write(b"got %d bytes\n" % len(data))
+        finally:
+            stream.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_half_close_is_passed_on_and_the_reply_comes_back(
+    tls: bool, pki: PKI, no_fd_leak: None
+) -> None:
+    """The client half-closes after its request; the upstream answers after
+    its end of stream; the proxy carries the answer back (with TLS to the
+    upstream, the end of stream travels as close_notify)."""
+    upstream = Replier(pki.ssl_options() if tls else None)
+    keywords: dict[str, Any] = {"upstream_ssl": pki.client_context()} if tls else {}
+    if tls:
+        keywords["upstream_server_hostname"] = "localhost"
+    async with (
+        running(upstream) as upstream_port,
+        proxy_to(upstream_port, **keywords) as (
+            _,
+            port,
+        ),
+    ):
+        sock = await raw_connect(port)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(sock, b"q" * 300_000)
+            sock.shutdown(socket.SHUT_WR)
+            assert await read_to_eof(sock) == b"got 300000 bytes\n"
+        finally:
+            sock.close()
+
+
 class Sender(TCPServer):
     """Sends `size` bytes at once to each client, then closes."""
 

@@ -11,13 +11,14 @@ previous one has been handed to the kernel on the other side, so memory per
 connection stays bounded (one chunk in flight plus the reading stream's
 high-water mark) whatever the speed of either peer.
 
-End of stream: when one peer closes (a TCP FIN, or a TLS close_notify), the
-proxy delivers everything it already read from that peer, then closes the
-connection to the other peer gracefully (a FIN, or close_notify for TLS).
-The direction back ends there too: securetcp's streams close at the peer's
-end of stream, so a client that half-closes (``shutdown(SHUT_WR)``) and then
-waits for a reply does not get it. A TLS peer that vanishes without
-close_notify is read as a close, like any stream of the engine does.
+End of stream is passed on, one direction at a time: when one peer ends its
+side (a TCP FIN, or a TLS close_notify), the proxy delivers everything it
+already read from that peer, then ends the same direction towards the other
+peer (a FIN, or close_notify for TLS), and goes on carrying the other
+direction: a client that half-closes (``shutdown(SHUT_WR)``) and then waits
+for the reply gets it. Once both directions have ended, both connections
+close. A TLS peer that vanishes without close_notify is read as an end of
+stream, like any stream of the engine does.
 A connection that breaks with an error (a reset, a TLS error) is aborted on
 the other side too and counted. An upstream that refuses, times out or fails
 its TLS handshake closes the client at once; it is logged (rate-limited) and
@@ -210,6 +211,8 @@ class TLSProxy(TCPServer):
     address, before any TLS byte. Every other keyword goes to `TCPServer`
     (``ssl_options=None`` accepts plain TCP clients).
     """
+
+    half_close = True  # one direction may end while the other goes on
 
     def __init__(
         self,
@@ -405,7 +408,7 @@ class TLSProxy(TCPServer):
                 if sent < len(header):
                     await self._within(loop.sock_sendall(sock, header[sent:]), deadline)
             if self.upstream_ssl is None:
-                return IOStream(sock, max_buffer_size=self.max_buffer_size)
+                return IOStream(sock, max_buffer_size=self.max_buffer_size, half_close=True)
             tls_sock = self.upstream_ssl.wrap_socket(
                 sock, server_hostname=self.upstream_server_hostname, do_handshake_on_connect=False
             )
@@ -415,7 +418,7 @@ class TLSProxy(TCPServer):
         except BaseException:
             sock.close()
             raise
-        stream = SSLIOStream(tls_sock, max_buffer_size=self.max_buffer_size)
+        stream = SSLIOStream(tls_sock, max_buffer_size=self.max_buffer_size, half_close=True)
         try:
             await self._within(stream.wait_for_handshake(), deadline)
         except StreamClosedError as e:
@@ -529,7 +532,7 @@ def _abort(stream: IOStream) -> None:
 
 
 async def _pump(source: IOStream, sink: IOStream) -> None:
-    """Copy `source` to `sink` until `source` ends; then close `sink` gracefully.
+    """Copy `source` to `sink` until `source` ends; then end that direction on `sink`.
 
     Each write is awaited before the next read, so at most one chunk waits
     in `sink`'s queue; meanwhile `source` stops reading from its socket at
@@ -544,6 +547,10 @@ async def _pump(source: IOStream, sink: IOStream) -> None:
         pass
     if _broken(source.error):
         _abort(sink)
-    else:
-        # The kernel has every byte we read (each write was awaited): end cleanly.
-        sink.close()
+    elif not sink.closed():
+        # The kernel has every byte we read (each write was awaited): pass the
+        # end of stream on; the other direction goes on until it ends too.
+        try:
+            await sink.shutdown_write()
+        except StreamClosedError:
+            pass
