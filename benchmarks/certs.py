@@ -1,6 +1,8 @@
-"""Run-time TLS material: an ECDSA P-256 trustme CA and server certificate.
+"""Run-time TLS material: a trustme CA and its server certificates.
 
-Nothing is ever written into the repository: files go to a temporary
+One ECDSA P-256 CA issues two server certificates for the same names: an
+ECDSA P-256 one (every workload but ``handshake-rsa``) and an RSA-2048 one
+(``handshake-rsa``). Nothing is ever written into the repository: files go to a temporary
 directory that the caller owns.
 """
 
@@ -26,21 +28,32 @@ class TLSFiles:
     keyfile: Path
 
 
-def make_tls_files(directory: Path) -> TLSFiles:
-    """Create a CA and a server certificate for localhost/127.0.0.1 in ``directory``."""
+KEY_TYPES = {"ecdsa": trustme.KeyType.ECDSA, "rsa": trustme.KeyType.RSA}
+
+
+def make_tls_files(directory: Path) -> dict[str, TLSFiles]:
+    """Create a CA and one server certificate per :data:`KEY_TYPES` entry in ``directory``.
+
+    The result maps ``"ecdsa"`` / ``"rsa"`` to that certificate's files; all
+    share the one CA file, so any client context trusts every server.
+    """
     ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
-    cert = ca.issue_cert(SERVER_NAME, HOST, key_type=trustme.KeyType.ECDSA)
-    files = TLSFiles(
-        cafile=directory / "ca.pem",
-        certfile=directory / "server-chain.pem",
-        keyfile=directory / "server-key.pem",
-    )
-    ca.cert_pem.write_to_path(str(files.cafile))
-    cert.private_key_pem.write_to_path(str(files.keyfile))
-    with files.certfile.open("wb") as f:
-        for blob in cert.cert_chain_pems:
-            f.write(blob.bytes())
-    return files
+    cafile = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    out = {}
+    for name, key_type in KEY_TYPES.items():
+        cert = ca.issue_cert(SERVER_NAME, HOST, key_type=key_type)
+        files = TLSFiles(
+            cafile=cafile,
+            certfile=directory / f"server-{name}-chain.pem",
+            keyfile=directory / f"server-{name}-key.pem",
+        )
+        cert.private_key_pem.write_to_path(str(files.keyfile))
+        with files.certfile.open("wb") as f:
+            for blob in cert.cert_chain_pems:
+                f.write(blob.bytes())
+        out[name] = files
+    return out
 
 
 def client_context(cafile: Path | str) -> ssl.SSLContext:
@@ -55,7 +68,7 @@ def load_context() -> ssl.SSLContext:
     """Load-generator context: TLS 1.3 only, no certificate verification.
 
     The client's handshake costs as much CPU as the server's, and the load
-    generator has one core; skipping the two ECDSA verifications (chain and
+    generator has one core; skipping the two signature verifications (chain and
     CertificateVerify) leaves more of it for driving the server. The server
     still signs and sends its certificate as usual, and the readiness probe
     (``client_context``) verifies it once per server start.

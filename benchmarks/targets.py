@@ -19,9 +19,10 @@ class ServerSpec:
     """One row of the report: a server script and its arguments.
 
     ``family`` is the name ``--servers`` selects it by; ``pinned`` servers run
-    on the server core, the others (the scaling rows) wherever the kernel
-    puts them. A ``compiled`` server's script is C source, built on first use
-    by :mod:`benchmarks.cbuild` and run directly instead of under Python.
+    on one server core, the others (the scaling rows) on the whole server CPU
+    set, or wherever the kernel puts them (see :mod:`benchmarks.cpus`). A
+    ``compiled`` server's script is C source, built on first use by
+    :mod:`benchmarks.cbuild` and run directly instead of under Python.
     """
 
     name: str
@@ -64,20 +65,27 @@ SERVERS = [
     ServerSpec("c-openssl", "c-openssl", "c_echo.c", compiled=True),
 ]
 
-_FORK2 = ("--mode", "fork", "--processes", "2")
-SCALING = [
-    ServerSpec("tornado x1", "tornado", "tornado_echo.py", pinned=False, baseline=True),
-    ServerSpec("tornado fork x2", "tornado", "tornado_echo.py", _FORK2, pinned=False),
-    ServerSpec("securetcp x1", "securetcp", "securetcp_echo.py", pinned=False),
-    ServerSpec("securetcp fork x2", "securetcp", "securetcp_echo.py", _FORK2, pinned=False),
-    ServerSpec(
-        "securetcp reuseport x2",
-        "securetcp",
-        "securetcp_echo.py",
-        ("--mode", "reuseport", "--processes", "2"),
-        pinned=False,
-    ),
-]
+
+def scaling_specs(processes: int) -> list[ServerSpec]:
+    """The multi-process handshake rows (``--scaling``): x1 against ``processes`` processes.
+
+    ``fork`` shares one listening socket, hence one kernel accept queue,
+    between forked processes; ``reuseport`` gives each process its own
+    ``SO_REUSEPORT`` listener (the kernel spreads new connections across them).
+    """
+    n = str(processes)
+    fork = ("--mode", "fork", "--processes", n)
+    reuseport = ("--mode", "reuseport", "--processes", n)
+    return [
+        ServerSpec("tornado x1", "tornado", "tornado_echo.py", pinned=False, baseline=True),
+        ServerSpec(f"tornado fork x{n}", "tornado", "tornado_echo.py", fork, pinned=False),
+        ServerSpec("securetcp x1", "securetcp", "securetcp_echo.py", pinned=False),
+        ServerSpec(f"securetcp fork x{n}", "securetcp", "securetcp_echo.py", fork, pinned=False),
+        ServerSpec(
+            f"securetcp reuseport x{n}", "securetcp", "securetcp_echo.py", reuseport, pinned=False
+        ),
+    ]
+
 
 FAMILIES = [spec.family for spec in SERVERS]
 

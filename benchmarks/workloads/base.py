@@ -108,10 +108,15 @@ class Window:
 
 @dataclass(frozen=True)
 class Workload:
-    """A named workload: its units and the function that measures one server."""
+    """A named workload: its units and the function that measures one server.
+
+    ``key_type`` names the server certificate the server under test is
+    started with (a key of :data:`benchmarks.certs.KEY_TYPES`).
+    """
 
     name: str
     unit: str
     cpu_unit: str | None  # None: no per-CPU figure
     run: Callable[[Target, Params], Measurement]
     lower_is_better: bool = False
+    key_type: str = "ecdsa"
