@@ -126,6 +126,8 @@ def header(meta: dict[str, object], params: dict[str, object]) -> str:
             f"machine   {meta['nproc']} CPUs, {meta['cpu_model']}, Linux {meta['kernel']}",
             f"python    {meta['python']}, {meta['openssl']}",
             "packages  " + ", ".join(f"{k} {v}" for k, v in packages.items()),
+            f"commit    {meta.get('commit', 'unknown')}, load average at start "
+            f"{meta.get('loadavg_start', 'unknown')}",
             "settings  " + ", ".join(f"{k}={v}" for k, v in params.items()),
         ]
     )

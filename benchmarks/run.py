@@ -243,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.PROXY_NOTES if args.proxy else report.NOTES)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.json or RESULTS_DIR / f"{stamp}.json"
-    report.to_json(
-        path, {**meta, "elapsed_seconds": round(elapsed, 1)}, settings, list(rows.values())
-    )
+    load_end = sysinfo.load_average()
+    meta = {**meta, "elapsed_seconds": round(elapsed, 1), "loadavg_end": load_end}
+    report.to_json(path, meta, settings, list(rows.values()))
     print(
-        f"took {elapsed:.0f}s; results in {path}" + (f"; logs in {logs}" if args.keep_logs else "")
+        f"took {elapsed:.0f}s; load average at end {load_end}; results in {path}"
+        + (f"; logs in {logs}" if args.keep_logs else "")
     )
     return 0
 

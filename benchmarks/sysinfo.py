@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import ssl
+import subprocess
 from pathlib import Path
 
 PACKAGES = ("securetcp", "tornado", "uvloop", "trustme", "cryptography")
@@ -34,6 +35,33 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), or "unknown".
+
+    On a shared machine this says how much else was running alongside.
+    """
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def git_commit() -> str:
+    """The short commit of the checkout being measured ("+dirty" if modified), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "describe", "--always", "--dirty=+dirty", "--abbrev=10"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def collect() -> dict[str, object]:
     """Everything the report header and the JSON ``meta`` show."""
     return {
@@ -44,4 +72,6 @@ def collect() -> dict[str, object]:
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
         "packages": package_versions(),
+        "commit": git_commit(),
+        "loadavg_start": load_average(),
     }
