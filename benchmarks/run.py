@@ -170,8 +170,11 @@ def measure(
         return detail
 
 
+_ALLOWED_CPUS = os.sched_getaffinity(0)  # before the harness pins itself
+
+
 def _all_cpus() -> set[int]:
-    return set(range(os.cpu_count() or 1))
+    return set(_ALLOWED_CPUS)
 
 
 def main(argv: list[str] | None = None) -> int:
