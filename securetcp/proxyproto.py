@@ -664,7 +664,7 @@ def _endpoint(address: Address, what: str) -> tuple[int, bytes, int]:
             return family, socket.inet_pton(af, host), port
         except (OSError, ValueError):
             pass
-    if ":" in host and "%" in host:
+    if "%" in host and _is_ipv6(host.split("%", 1)[0]):
         raise ProxyProtocolError(f"{what} address {host!r}: a scope id cannot be carried")
     if port != 0:
         raise ProxyProtocolError(
@@ -679,6 +679,14 @@ def _same_family(source: int, destination: int) -> None:
             f"source and destination must be of one family, not "
             f"{_family_name(source)} and {_family_name(destination)}"
         )
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _unix_field(path: str, what: str) -> bytes:

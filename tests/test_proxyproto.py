@@ -741,3 +741,18 @@ async def test_haproxy_accepts_what_we_encode(version: int, tmp_path: Path) -> N
     assert header.destination == ("198.51.100.1", 443)
     if version == 2:
         assert header.tlvs[PP2_TYPE_AUTHORITY] == b"example.org"
+
+
+def test_unix_paths_with_percent_and_colon_are_not_scoped_ipv6() -> None:
+    """Found by hypothesis on 3.10: '%:' is a unix path, not an IPv6 scope id."""
+    data = encode_proxy_header(("%:", 0), ("/run/a%b:c", 0))
+    parsed = parse_proxy_header(data)
+    assert parsed is not None
+    header, consumed = parsed
+    assert (header.source, header.destination, consumed) == (
+        ("%:", 0),
+        ("/run/a%b:c", 0),
+        len(data),
+    )
+    with pytest.raises(ProxyProtocolError, match="scope id"):
+        encode_proxy_header(("fe80::1%eth0", 1), ("::1", 2))
