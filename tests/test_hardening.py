@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +46,32 @@ from securetcp.tls.files import load_pair
 MiB = 1024 * 1024
 
 
-async def read_all(reader: asyncio.StreamReader, size: int, pause: float = 0.0) -> bytes:
-    """Read `size` bytes in 64 KiB steps, pausing between them (a steady reader)."""
+def read_all_blocking(
+    port: int,
+    context: ssl.SSLContext | None,
+    size: int,
+    pause: float = 0.0,
+    start: threading.Event | None = None,
+) -> bytes:
+    """Connect, wait for `start` (if given), then read `size` bytes in 64 KiB
+    steps, pausing between them (a steady reader); a blocking client, for a
+    thread (Python 3.10's asyncio TLS transport fails when the server closes
+    while its reading is paused)."""
+    sock = socket.create_connection((HOST, port), timeout=20)
+    conn = sock if context is None else context.wrap_socket(sock, server_hostname="localhost")
     data = bytearray()
-    while len(data) < size:
-        chunk = await asyncio.wait_for(reader.read(65536), 10)
-        if not chunk:
-            break
-        data += chunk
-        if pause:
-            await asyncio.sleep(pause)  # the reader's pace, part of the scenario
+    with conn:
+        if start is not None:
+            start.wait(20)
+        while len(data) < size:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            if pause:
+                time.sleep(pause)  # the reader's pace, part of the scenario
+        # What comes after the payload: nothing (the server closes).
+        data += conn.recv(65536) if len(data) >= size else b""
     return bytes(data)
 
 
@@ -80,12 +97,11 @@ async def test_idle_timeout_spares_a_tls_transfer_in_progress(pki: PKI, no_fd_le
 
     server = Sender(pki.ssl_options(), idle_timeout=0.4)
     async with serving(server) as port:
-        reader, writer = await open_tls(port, pki.client_context())
-        try:
-            # ~2 ms per 64 KiB: the transfer takes well over idle_timeout.
-            received = await read_all(reader, len(payload), pause=0.002)
-        finally:
-            await close_writer(writer)
+        # ~2 ms per 64 KiB: the transfer takes well over idle_timeout.
+        received = await asyncio.wait_for(
+            asyncio.to_thread(read_all_blocking, port, pki.client_context(), len(payload), 0.002),
+            60,
+        )
     assert len(received) == len(payload) and received == payload
     # Progress was visible while the write was in flight.
     assert len(set(progress)) > 3
@@ -184,16 +200,14 @@ async def test_write_of_wide_memoryview_behind_a_blocked_write(
     # (Un-awaited writes beyond the default write limit, on purpose.)
     server = Sender(pki.ssl_options() if kind == "tls" else None, max_write_buffer_size=64 * MiB)
     async with serving(server) as port:
-        if kind == "tls":
-            reader, writer = await open_tls(port, pki.client_context())
-        else:
-            reader, writer = await asyncio.open_connection(HOST, port)
-        try:
-            await until(lambda: bool(early))  # both writes queued before any reading
-            received = await read_all(reader, len(expected))
-            assert await asyncio.wait_for(reader.read(), 5) == b""
-        finally:
-            await close_writer(writer)
+        context = pki.client_context() if kind == "tls" else None
+        gate = threading.Event()  # both writes queued before any reading
+        task = asyncio.ensure_future(
+            asyncio.to_thread(read_all_blocking, port, context, len(expected), 0.0, gate)
+        )
+        await until(lambda: bool(early), timeout=20)
+        gate.set()
+        received = await asyncio.wait_for(task, 60)
     assert early == [False]
     assert len(received) == len(expected) and received == expected
 
@@ -458,12 +472,16 @@ async def test_write_limit_refuses_unbounded_queueing(pki: PKI, no_fd_leak: None
 
     server = Firehose(pki.ssl_options(), max_write_buffer_size=1 * MiB)
     async with serving(server) as port:
-        _, writer = await open_tls(port, pki.client_context())
+        sock = socket.create_connection((HOST, port), timeout=10)
+        # A blocking client that never reads (no asyncio transport to race with).
+        tls = await asyncio.to_thread(
+            pki.client_context().wrap_socket, sock, server_hostname="localhost"
+        )
         try:
             await until(lambda: bool(outcome))
             await until(lambda: server.stats.active == 0)
         finally:
-            await close_writer(writer)
+            tls.close()
     assert "max_write_buffer_size" in str(outcome[0])
     assert server.stats.rejected == 1
 
