@@ -150,7 +150,7 @@ async def test_upstream_floods_a_client_that_never_reads(
             peak[0] = max(peak[0], server.rss())
             return bool(server.stats()["active"] == 0)
 
-        await apoll(lambda: server.stats()["bytes_sent"] > 2**20, 5.0, "the flood to start")
+        await apoll(lambda: server.stats()["bytes_sent"] > 0, 5.0, "the flood to start")
         await apoll(stalled(server), IDLE, "the connection to stall")
         await good_client(server.port, context)
         await apoll(dropped, IDLE * 2 + 10.0, "the flooded connection to be dropped")
