@@ -55,6 +55,17 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def complete_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects in `path`, one per line, leaving out a line still being written.
+
+    The server writes its events while we read them, so the last line may be cut
+    short; it is read again, whole, on the next poll.
+    """
+    text = path.read_text(errors="replace")
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+
+
 def poll(predicate: Any, timeout: float, message: str) -> None:
     """Poll `predicate` until true; fail with `message` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -85,8 +96,7 @@ class ServerProcess:
         self.pid: int = ready["pid"]
 
     def events(self) -> list[dict[str, Any]]:
-        lines = self.out.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
+        return complete_json_lines(self.out)
 
     def wait_event(
         self, event: str, count: int = 1, timeout: float = 15.0, **match: Any

@@ -234,7 +234,9 @@ class Server:
         self.pid: int = ready["pid"]
 
     def events(self, kind: str) -> list[dict[str, Any]]:
-        lines = self.out.read_text(errors="replace").splitlines()
+        text = self.out.read_text(errors="replace")
+        # The server may be writing the last line as we read: only whole lines count.
+        lines = text[: text.rfind("\n") + 1].splitlines()
         return [e for e in map(json.loads, filter(None, lines)) if e["event"] == kind]
 
     def wait(self, kind: str, count: int, timeout: float = 30.0) -> dict[str, Any]:
