@@ -517,11 +517,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
-    """Poll `path` until `pattern` appears in it; fail on a deadline or an early exit."""
+    """Poll `path` until `pattern` appears in its complete lines; fail on a deadline
+    or an early exit.
+
+    The process writes while we read: a line still being written (say a port
+    with digits to come) is matched only once it is whole.
+    """
     deadline = time.monotonic() + 15.0
     while True:
         text = path.read_text(errors="replace")
-        match = re.search(pattern, text)
+        match = re.search(pattern, text[: text.rfind("\n") + 1])
         if match:
             return match
         if proc.poll() is not None or time.monotonic() > deadline:
