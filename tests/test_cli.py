@@ -391,18 +391,18 @@ def test_echo_behind_a_proxy_with_metrics(tmp_path: Path) -> None:
 
 
 def test_reuse_port_shares_a_port_and_a_taken_port_is_one_line(dev_certs: Path) -> None:
-    with socket.socket() as probe_port:
-        probe_port.bind(("127.0.0.1", 0))
-        port = str(probe_port.getsockname()[1])
     first_dir, second_dir = dev_certs / "first", dev_certs / "second"
     for d in (first_dir, second_dir):
         d.mkdir(exist_ok=True)
         (d / "certs").mkdir(exist_ok=True)
         for f in (dev_certs / "certs").iterdir():
             (d / "certs" / f.name).write_bytes(f.read_bytes())
-    command = [sys.executable, "-m", "securetcp", "echo", "--port", port, "--reuse-port"]
+    # The first server picks the port (a port found free beforehand may be
+    # taken by someone else before the server binds it).
+    command = [sys.executable, "-m", "securetcp", "echo", "--port", "0", "--reuse-port"]
     with server_process(command, first_dir) as (first, out1, _):
-        wait_for_text(out1, rf"127\.0\.0\.1:{port}", first)
+        port = wait_for_text(out1, r"127\.0\.0\.1:(\d+)", first).group(1)
+        command[command.index("0")] = port
         taken = run("echo", "--port", port, cwd=second_dir)
         assert taken.returncode == 2
         assert one_line_error(taken).startswith(f"securetcp: cannot listen on 127.0.0.1:{port}: ")
