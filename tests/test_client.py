@@ -249,17 +249,15 @@ def test_intermediate_profile_is_tls12_or_later(pki: PKI) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_against_openssl_s_server(pki: PKI, tmp_path: Path, no_fd_leak: None) -> None:
     # An independent TLS server: mutual TLS required, ALPN, TLS 1.3; -rev
-    # answers each line reversed.
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
+    # answers each line reversed. It picks its port and prints it.
     command = [
-        "openssl", "s_server", "-accept", f"{HOST}:{port}", "-naccept", "1", "-rev",
+        "openssl", "s_server", "-accept", f"{HOST}:0", "-naccept", "1", "-rev",
         "-cert", str(pki.cert_file), "-key", str(pki.key_file),
         "-Verify", "1", "-CAfile", str(pki.ca_file), "-alpn", "h2", "-tls1_3",
     ]  # fmt: skip
     with server_process(command, tmp_path) as (proc, out, _):
-        await asyncio.to_thread(wait_for_text, out, "ACCEPT", proc)
+        accept = await asyncio.to_thread(wait_for_text, out, r"ACCEPT .*:(\d+)\n", proc)
+        port = int(accept.group(1))
         context = client_context(
             pki.ca_file,
             certfile=pki.client_cert_file,
