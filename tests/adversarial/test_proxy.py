@@ -60,23 +60,25 @@ async def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
 
 async def test_upstream_refuses(pki: PKI, context: ssl.SSLContext, tmp_path: Path) -> None:
     """Nothing listens upstream: each client is closed at once and counted."""
+    # Bound but never listening, and held for the whole test: connections to it
+    # are refused, and nobody else can start listening on it meanwhile.
     with socket.socket() as placeholder:
         placeholder.bind((HOST, 0))
         dead = placeholder.getsockname()[1]
-    with server_process(pki, tmp_path, "--upstream", f"{HOST}:{dead}") as server:
-        baseline = server.fds()
-        before = server.stats()
-        for _ in range(20):
-            reader, writer = await asyncio.open_connection(
-                HOST, server.port, ssl=context, server_hostname="localhost"
-            )
-            writer.write(b"anyone?")
-            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
-                assert await asyncio.wait_for(reader.read(), 5.0) == b""
-            writer.close()
-        await apoll(lambda: server.stats()["active"] == 0, 5.0, "every client closed")
-        assert failures_delta(before, server.stats()) == {"upstream": 20}
-        await apoll(lambda: server.fds() <= baseline, 10.0, "descriptors back to baseline")
+        with server_process(pki, tmp_path, "--upstream", f"{HOST}:{dead}") as server:
+            baseline = server.fds()
+            before = server.stats()
+            for _ in range(20):
+                reader, writer = await asyncio.open_connection(
+                    HOST, server.port, ssl=context, server_hostname="localhost"
+                )
+                writer.write(b"anyone?")
+                with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                    assert await asyncio.wait_for(reader.read(), 5.0) == b""
+                writer.close()
+            await apoll(lambda: server.stats()["active"] == 0, 5.0, "every client closed")
+            assert failures_delta(before, server.stats()) == {"upstream": 20}
+            await apoll(lambda: server.fds() <= baseline, 10.0, "descriptors back to baseline")
 
 
 async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SSLContext) -> None:
