@@ -105,7 +105,7 @@ async def test_upstream_stalls(proxy: tuple[ServerProcess, int], context: ssl.SS
             peak[0] = max(peak[0], server.rss())
             return bool(server.stats()["active"] == 0)
 
-        await apoll(stalled(server), IDLE, "the connection to stall")
+        await apoll(stalled(server), IDLE + 10.0, "the connection to stall")
         await good_client(server.port, context)
         await apoll(dropped, IDLE * 2 + 10.0, "the stalled connection to be dropped")
         pumping.cancel()
@@ -153,7 +153,7 @@ async def test_upstream_floods_a_client_that_never_reads(
             return bool(server.stats()["active"] == 0)
 
         await apoll(lambda: server.stats()["bytes_sent"] > 0, 5.0, "the flood to start")
-        await apoll(stalled(server), IDLE, "the connection to stall")
+        await apoll(stalled(server), IDLE + 10.0, "the connection to stall")
         await good_client(server.port, context)
         await apoll(dropped, IDLE * 2 + 10.0, "the flooded connection to be dropped")
     finally:

@@ -143,7 +143,7 @@ async def test_client_that_never_reads(
 
             # Others are served while it stalls.
             await apoll(lambda: server.stats()["bytes_sent"] > 0, 5.0, "the server writing")
-            await apoll(stalled(server), idle, "the connection to stall")
+            await apoll(stalled(server), idle + 10.0, "the connection to stall")
             await good_client(server.port, context)
             await apoll(dropped, idle * 2 + 10.0, "the stalled connection to be dropped")
         finally:
