@@ -15,7 +15,7 @@ import shlex
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +116,13 @@ class PeerReporter(Reporter):
         return (identity.common_name if identity else "anonymous").encode()
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port nobody listens on: bound, never listening, held meanwhile
+    (a port released after binding may be taken by someone who listens)."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+        yield sock.getsockname()[1]
 
 
 def reset(sock: socket.socket) -> None:
@@ -695,15 +697,16 @@ async def test_upstream_refused_closes_the_client_and_counts(
     pki: PKI, caplog: pytest.LogCaptureFixture, no_fd_leak: None
 ) -> None:
     caplog.set_level(logging.WARNING, logger="securetcp.proxy")
-    async with proxy_to(free_port(), ssl_options=pki.ssl_options()) as (proxy, port):
-        for _ in range(3):
-            reader, writer = await open_tls(port, pki.client_context())
-            try:
-                assert await closed_by_peer(reader)
-            finally:
-                await close_writer(writer)
-        await until(lambda: proxy.stats.failures.get("upstream") == 3)
-        await until(lambda: proxy.stats.active == 0)
+    with refusing_port() as upstream_port:
+        async with proxy_to(upstream_port, ssl_options=pki.ssl_options()) as (proxy, port):
+            for _ in range(3):
+                reader, writer = await open_tls(port, pki.client_context())
+                try:
+                    assert await closed_by_peer(reader)
+                finally:
+                    await close_writer(writer)
+            await until(lambda: proxy.stats.failures.get("upstream") == 3)
+            await until(lambda: proxy.stats.active == 0)
     lines = [r.getMessage() for r in caplog.records if r.name == "securetcp.proxy"]
     assert len(lines) == 3 and all("refused" in line for line in lines), lines
 
