@@ -119,10 +119,13 @@ def silent_listener() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port that refuses connections: bound, never listening, held meanwhile
+    (a port released after binding may be taken by someone who listens)."""
     with socket.socket() as sock:
         sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +258,8 @@ def expect_failure(args: list[str], kind: str, phrase: str, *, status: int = 1) 
 
 
 def test_refused_and_timeout() -> None:
-    port = free_port()
-    out = expect_failure([f"{HOST}:{port}"], "refused", "refused the connection")
+    with refusing_port() as port:
+        out = expect_failure([f"{HOST}:{port}"], "refused", "refused the connection")
     assert out["tls"] is None and out["chain"] == []
     with silent_listener() as port:
         expect_failure([f"{HOST}:{port}", "--timeout", "0.5"], "timeout", "sent no TLS reply")
