@@ -64,16 +64,21 @@ async def test_handshake_timeout_while_another_client_is_served(pki: PKI, no_fd_
             active_seen.append(self.stats.active)
             await super().handle_stream(stream, address)
 
-    server = Server(pki.ssl_options(), handshake_timeout=0.5)
+    # The deadline also bounds the served client's handshake: 2 s, so that a
+    # loaded machine still serves it before the silent one is dropped.
+    server = Server(pki.ssl_options(), handshake_timeout=2.0)
     async with serving(server) as port:
         silent = await raw_connect(port)
         try:
-            await until(lambda: server.stats.accepted == 1, message="silent client accepted")
+            # TCP_DEFER_ACCEPT holds the silent client back for ~3 s first.
+            await until(
+                lambda: server.stats.accepted == 1, timeout=15, message="silent client accepted"
+            )
             # Served while the silent client is still in its handshake.
             assert await echo_once(port, pki.client_context(), b"hello") == b"hello"
             assert active_seen == [2]
             # The silent client is dropped at the deadline.
-            assert await read_to_eof(silent, timeout=5) == b""
+            assert await read_to_eof(silent, timeout=10) == b""
         finally:
             silent.close()
         await until(lambda: server.stats.failures == {"timeout": 1}, message="timeout counted")
