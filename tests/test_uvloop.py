@@ -185,7 +185,7 @@ def test_idle_timeout_closes_quiet_connections(pki: Any, no_fd_leak: None) -> No
                 assert await reader.readexactly(4) == b"ping"
                 # Quiet from here on: the server closes the connection.
                 assert await asyncio.wait_for(reader.read(), 5) == b""
-                assert time.monotonic() - started >= 1.0
+                assert time.monotonic() - started >= 0.99  # (timers may fire ~1 ms early)
             finally:
                 await close_writer(writer)
             await until(lambda: server.stats.active == 0, message="connection closed")
