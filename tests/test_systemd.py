@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def activate(
+    count: int, command: Callable[[list[int]], list[str]]
+) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start ``command(ports)`` (systemd-socket-activate) on `count` free ports, once it
+    listens on them all; (process, ports).
+
+    The activator cannot pick a port itself: a port probed free may be taken
+    before it binds, and then it is tried again on fresh ports.
+    """
+    for _ in range(10):
+        ports = [free_port() for _ in range(count)]
+        proc = subprocess.Popen(
+            command(ports), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert proc.stderr is not None
+        lines = [proc.stderr.readline() for _ in ports]  # "Listening on HOST:PORT as FD."
+        if all(line.startswith("Listening on ") for line in lines):
+            return proc, ports
+        proc.kill()
+        _, rest = proc.communicate(timeout=10)
+        if "Address already in use" not in "".join(lines) + rest:
+            raise AssertionError(f"the activator did not start: {''.join(lines)}{rest}")
+    raise AssertionError("no free ports for the activator after 10 attempts")
+
+
 def connect_when_listening(port: int, proc: subprocess.Popen[str]) -> socket.socket:
     """Connect once the activator listens (it starts the program on this connection)."""
     deadline = time.monotonic() + 20
@@ -53,13 +79,18 @@ def connect_when_listening(port: int, proc: subprocess.Popen[str]) -> socket.soc
             time.sleep(0.02)  # polling for the port with a deadline
 
 
-def run_activated(*args: str, ports: list[int], names: list[str]) -> dict[str, object]:
+def run_activated(*args: str, names: list[str]) -> tuple[list[int], dict[str, object]]:
+    """The activated REPORT child's report, on fresh ports, one per name; (ports, report)."""
     assert ACTIVATE is not None
-    command = [ACTIVATE]
-    for port in ports:
-        command += ["-l", f"127.0.0.1:{port}"]
-    command += [f"--fdname={':'.join(names)}", sys.executable, "-c", REPORT, *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def command(ports: list[int]) -> list[str]:
+        assert ACTIVATE is not None
+        words = [ACTIVATE]
+        for port in ports:
+            words += ["-l", f"127.0.0.1:{port}"]
+        return [*words, f"--fdname={':'.join(names)}", sys.executable, "-c", REPORT, *args]
+
+    proc, ports = activate(len(names), command)
     try:
         with connect_when_listening(ports[0], proc):
             out, err = proc.communicate(timeout=30)
@@ -67,7 +98,7 @@ def run_activated(*args: str, ports: list[int], names: list[str]) -> dict[str, o
         proc.kill()
         proc.wait(timeout=10)
     assert proc.returncode == 0 or out, err
-    return json.loads(out.splitlines()[-1])  # type: ignore[no-any-return]
+    return ports, json.loads(out.splitlines()[-1])
 
 
 def test_not_socket_activated(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,11 +132,10 @@ def test_malformed_variables_are_named(
 
 @needs_activator
 def test_activated_sockets_are_non_blocking_close_on_exec_and_named() -> None:
-    ports = [free_port(), free_port()]
-    report = run_activated(ports=ports, names=["web", "admin"])
+    ports, report = run_activated(names=["web", "admin"])
     assert report["env"] == []  # children do not inherit them
     assert report["sockets"] == [[3, ports[0], False, False], [4, ports[1], False, False]]
-    only_admin = run_activated("admin", ports=ports, names=["web", "admin"])
+    ports, only_admin = run_activated("admin", names=["web", "admin"])
     assert only_admin["sockets"] == [[4, ports[1], False, False]]
 
 
@@ -113,13 +143,16 @@ def test_activated_sockets_are_non_blocking_close_on_exec_and_named() -> None:
 def test_echo_systemd_serves_tls_on_the_activated_socket(pki: PKI, tmp_path: Path) -> None:
     """`securetcp echo --systemd` on a socket systemd's activator made."""
     assert ACTIVATE is not None
-    port = free_port()
-    command = [
-        ACTIVATE, "-l", f"127.0.0.1:{port}", sys.executable, "-m", "securetcp", "echo",
-        "--systemd", "--cert", str(pki.cert_file), "--key", str(pki.key_file),
-        "--client-auth", "none",
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def command(ports: list[int]) -> list[str]:
+        assert ACTIVATE is not None
+        return [
+            ACTIVATE, "-l", f"127.0.0.1:{ports[0]}", sys.executable, "-m", "securetcp", "echo",
+            "--systemd", "--cert", str(pki.cert_file), "--key", str(pki.key_file),
+            "--client-auth", "none",
+        ]  # fmt: skip
+
+    proc, (port,) = activate(1, command)
     try:
         # The activator accepts nothing itself: the first connection starts the server.
         with connect_when_listening(port, proc) as raw:
@@ -130,7 +163,7 @@ def test_echo_systemd_serves_tls_on_the_activated_socket(pki: PKI, tmp_path: Pat
                 assert tls.version() in ("TLSv1.2", "TLSv1.3")
     except (OSError, ssl.SSLError):
         proc.kill()
-        print(proc.communicate(timeout=10)[0])
+        print(*proc.communicate(timeout=10))
         raise
     finally:
         proc.terminate()
