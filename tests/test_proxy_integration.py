@@ -105,7 +105,9 @@ class Process:
         """The port a securetcp command says it listens on (started with port 0)."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            match = ANNOUNCED.search(self.out.read_text(errors="replace"))
+            text = self.out.read_text(errors="replace")
+            # Whole lines only: the port of a line still being written may be cut short.
+            match = ANNOUNCED.search(text[: text.rfind("\n") + 1])
             if match:
                 return int(match.group(1))
             if self.proc.poll() is not None or time.monotonic() > deadline:
