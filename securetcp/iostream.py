@@ -138,6 +138,8 @@ class IOStream:
         "_bytes_sent",
         "_close_callback",
         "_closed",
+        "_delivery",
+        "_delivery_end_held",
         "_done",
         "_eof",
         "_fd",
@@ -146,6 +148,7 @@ class IOStream:
         "_max_buffer_size",
         "_max_write_buffer_size",
         "_on_close",
+        "_on_data",
         "_rbuf",
         "_read_arg",
         "_read_future",
@@ -224,6 +227,10 @@ class IOStream:
         self._closed = False
         self._close_callback: Callable[[], object] | None = None
         self._on_close = on_close
+        # A relay's callbacks (see _deliver): on_data, or None while paused.
+        self._delivery: tuple[Callable[[bytes], object], Callable[[], object]] | None = None
+        self._on_data: Callable[[bytes], object] | None = None
+        self._delivery_end_held = False
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
         #: The PROXY protocol header the connection started with
@@ -321,7 +328,7 @@ class IOStream:
         self, kind: int, arg: Any, limit: int | None, partial: bool
     ) -> asyncio.Future[Any]:
         future = self._read_future
-        if future is not None and not future.done():
+        if (future is not None and not future.done()) or self._delivery is not None:
             raise RuntimeError("Already reading")
         future = self._loop.create_future()
         self._read_future = future
@@ -413,6 +420,14 @@ class IOStream:
             future.set_result(result)
 
     def _fail_read(self, error: BaseException | None) -> None:
+        if self._delivery is not None:
+            if self._rbuf and not self._closed:
+                # A clean end of stream while the relay is paused: the
+                # bytes held come first (_resume_delivery ends it after).
+                self._delivery_end_held = True
+            else:
+                self._end_delivery()
+            return
         future = self._read_future
         if future is None or future.done():
             self._read_future = None  # cancelled by its awaiter
@@ -472,6 +487,11 @@ class IOStream:
         or keep them; False when reading should stop for now."""
         self._bytes_received += n
         scratch = self._scratch
+        on_data = self._on_data
+        if on_data is not None:
+            # A relay (_deliver): no future, no loop callback, no task step.
+            on_data(bytes(scratch[:n]))
+            return not self._closed
         future = self._read_future
         if (
             future is not None
@@ -500,6 +520,67 @@ class IOStream:
             self._remove_reader()
             return False
         return True
+
+    # ------------------------------------------------------------- relaying
+
+    def _deliver(self, on_data: Callable[[bytes], object], on_end: Callable[[], object]) -> None:
+        """Hand every byte read from now on to `on_data(data)`, as it arrives.
+
+        For a relay (`TLSProxy`'s pump): per chunk this saves the future,
+        the loop callback and the task step a read costs. `on_data` may
+        call `_pause_delivery()` (bytes are then held, up to the usual
+        high-water mark, until `_resume_delivery()`). `on_end()` is called
+        once reading is over: at the peer's end of stream, after the bytes
+        held, or when the stream closes (see `error`). No read may be pending.
+        """
+        if self._delivery is not None or (
+            self._read_future is not None and not self._read_future.done()
+        ):
+            raise RuntimeError("Already reading")
+        self._delivery = (on_data, on_end)
+        if self._closed or (self._eof and not self._rbuf):
+            self._end_delivery()
+            return
+        self._delivery_end_held = self._eof
+        self._resume_delivery()
+
+    def _pause_delivery(self) -> None:
+        """Hold what is read (the relay's sink is full) until `_resume_delivery`."""
+        self._on_data = None
+
+    def _resume_delivery(self) -> None:
+        """Deliver the bytes held, then read on."""
+        delivery = self._delivery
+        if delivery is None or self._on_data is not None:
+            return
+        on_data = self._on_data = delivery[0]
+        if self._rbuf:
+            data = bytes(self._rbuf)
+            self._rbuf.clear()
+            on_data(data)
+            if self._on_data is None or self._delivery is None:
+                return  # paused again, or detached
+        if self._delivery_end_held or self._closed:
+            self._end_delivery()
+            return
+        if not self._reading and not self._eof:
+            if self._input_buffered():
+                self._handle_read()
+            if not self._reading and not self._closed and self._on_data is not None:
+                self._add_reader()
+
+    def _stop_delivery(self) -> None:
+        """Detach the relay (its sink is gone); reads buffer as usual."""
+        self._delivery = None
+        self._on_data = None
+
+    def _end_delivery(self) -> None:
+        delivery = self._delivery
+        self._delivery = None
+        self._on_data = None
+        self._delivery_end_held = False
+        if delivery is not None:
+            delivery[1]()
 
     def _on_eof(self) -> None:
         self._eof = True
@@ -686,16 +767,17 @@ class IOStream:
             loop.remove_writer(self._fd)
         self._close_socket(graceful=exc_info is None)
         self._fail_read(self.error)
-        error = StreamClosedError(real_error=self.error)
-        for _, future in self._wfutures:
-            if not future.done():
-                future.set_exception(error)
-        self._wfutures.clear()
+        if self._wfutures or self._shut_future is not None:
+            error = StreamClosedError(real_error=self.error)
+            for _, future in self._wfutures:
+                if not future.done():
+                    future.set_exception(error)
+            self._wfutures.clear()
+            if self._shut_future is not None and not self._shut_future.done():
+                self._shut_future.set_exception(error)
+            self._shut_future = None
         self._wqueue.clear()
         self._wsize = 0
-        if self._shut_future is not None and not self._shut_future.done():
-            self._shut_future.set_exception(error)
-        self._shut_future = None
         hook = self._on_close
         if hook is not None:
             self._on_close = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import ipaddress
 import logging
@@ -319,13 +320,19 @@ class TLSProxy(TCPServer):
         timers: list[asyncio.TimerHandle] = []
         stream.set_close_callback(functools.partial(self._side_closed, stream, upstream, timers))
         upstream.set_close_callback(functools.partial(self._side_closed, upstream, stream, timers))
-        back = asyncio.ensure_future(_pump(upstream, stream))
+        both_ended = asyncio.get_running_loop().create_future()
+        ended = [0]
+
+        def one_ended() -> None:
+            ended[0] += 1
+            if ended[0] == 2 and not both_ended.done():
+                both_ended.set_result(None)
+
+        _Pump(stream, upstream, one_ended)
+        _Pump(upstream, stream, one_ended)
         try:
-            await _pump(stream, upstream)
-            await back
+            await both_ended
         finally:
-            if not back.done():
-                back.cancel()
             for timer in timers:
                 timer.cancel()
             self._finish(stream, upstream, address)
@@ -460,7 +467,10 @@ class TLSProxy(TCPServer):
                 sock.setblocking(False)
                 if family != socket.AF_UNIX:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await self._within(loop.sock_connect(sock, sockaddr), deadline)
+                if family == socket.AF_UNIX:
+                    await self._within(loop.sock_connect(sock, sockaddr), deadline)
+                else:
+                    await _connect_tcp(loop, sock, sockaddr, deadline)
                 return sock
             except asyncio.TimeoutError:
                 sock.close()
@@ -507,6 +517,42 @@ class TLSProxy(TCPServer):
             return self._encode_proxy_header(None, None, version=self.send_proxy)
 
 
+async def _connect_tcp(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any, deadline: float
+) -> None:
+    """Connect the non-blocking TCP socket `sock` by the loop time `deadline`.
+
+    What ``asyncio.wait_for(loop.sock_connect(...))`` does, without the task
+    and the wrapper futures it costs on each new connection: one writer
+    registration and one timer. Raises OSError or asyncio.TimeoutError.
+    """
+    error = sock.connect_ex(address)
+    if error in (0, errno.EISCONN):
+        return
+    if error not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+        raise OSError(error, os.strerror(error))
+    connected: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _resolve_pending, connected, None)
+    timer = loop.call_at(deadline, _resolve_pending, connected, asyncio.TimeoutError())
+    try:
+        await connected
+    finally:
+        loop.remove_writer(fd)
+        timer.cancel()
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
+def _resolve_pending(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
 def _broken(error: BaseException | None) -> bool:
     """Whether a stream was closed by a network or TLS error (not an idle timeout)."""
     return isinstance(error, (OSError, ssl.SSLError)) and not isinstance(
@@ -531,26 +577,65 @@ def _abort(stream: IOStream) -> None:
     stream.close(_PeerBroke("the connection on the other side of the proxy broke"))
 
 
-async def _pump(source: IOStream, sink: IOStream) -> None:
-    """Copy `source` to `sink` until `source` ends; then end that direction on `sink`.
+class _Pump:
+    """Copies `source` to `sink` until `source` ends; then ends that direction on `sink`.
 
-    Each write is awaited before the next read, so at most one chunk waits
-    in `sink`'s queue; meanwhile `source` stops reading from its socket at
-    its high-water mark and the kernel pushes back on the sender.
+    Bytes go from the source's read handler straight to `sink.write` (no
+    future, task or loop callback per chunk). A write the kernel does not
+    take at once pauses the source until it is out, so at most one chunk
+    waits in `sink`'s queue; meanwhile `source` stops reading from its
+    socket at its high-water mark and the kernel pushes back on the sender.
+    `on_ended()` is called once this direction is over.
     """
-    read = source.read_bytes
-    write = sink.write
-    try:
-        while True:
-            await write(await read(CHUNK_SIZE, True))
-    except StreamClosedError:
-        pass
-    if _broken(source.error):
-        _abort(sink)
-    elif not sink.closed():
-        # The kernel has every byte we read (each write was awaited): pass the
-        # end of stream on; the other direction goes on until it ends too.
+
+    __slots__ = ("on_ended", "sink", "source")
+
+    def __init__(self, source: IOStream, sink: IOStream, on_ended: Callable[[], object]) -> None:
+        self.source = source
+        self.sink = sink
+        self.on_ended: Callable[[], object] | None = on_ended
+        source._deliver(self._on_data, self._on_end)
+
+    def _on_data(self, data: bytes) -> None:
         try:
-            await sink.shutdown_write()
-        except StreamClosedError:
-            pass
+            written = self.sink.write(data)
+        except Exception as e:  # a bug, not a peer: break both sides, visibly
+            log.exception("proxy: writing to %r failed", self.sink)
+            self.source.close(e)
+            _abort(self.sink)
+            self._stop()
+            return
+        if not written.done():
+            self.source._pause_delivery()
+            written.add_done_callback(self._on_written)
+        elif written.exception() is not None:
+            self._stop()
+
+    def _on_written(self, written: asyncio.Future[None]) -> None:
+        if written.cancelled() or written.exception() is not None:
+            self._stop()  # the sink closed: _finish sees to both sides
+        else:
+            self.source._resume_delivery()
+
+    def _stop(self) -> None:
+        self.source._stop_delivery()
+        self._ended()
+
+    def _on_end(self) -> None:
+        sink = self.sink
+        if _broken(self.source.error):
+            _abort(sink)
+        elif not sink.closed():
+            # The kernel has every byte we read (a pending write paused the
+            # source): pass the end of stream on; the other direction goes
+            # on until it ends too.
+            shut = sink.shutdown_write()
+            if not shut.done():
+                shut.add_done_callback(self._ended)
+                return
+        self._ended()
+
+    def _ended(self, _: object = None) -> None:
+        on_ended, self.on_ended = self.on_ended, None
+        if on_ended is not None:
+            on_ended()
