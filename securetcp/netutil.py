@@ -306,9 +306,9 @@ def add_accept_handler(sock: socket.socket, callback: AcceptCallback) -> Callabl
     ``ENOMEM``) accepting pauses, for 50 ms at first and up to 1 s while the
     failures go on, with one warning per episode.
 
-    Returns ``remove()``, which stops accepting at once (also when called from
-    ``callback``): no further ``callback`` calls happen.  It is idempotent and
-    does not close ``sock``.
+    ``sock`` is made non-blocking. Returns ``remove()``, which stops accepting
+    at once (also when called from ``callback``): no further ``callback``
+    calls happen.  It is idempotent and does not close ``sock``.
 
     Raises ``RuntimeError`` if no asyncio event loop is running in this thread.
     """
@@ -330,6 +330,9 @@ class _Acceptor:
     def __init__(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, callback: AcceptCallback
     ) -> None:
+        # A socket made elsewhere may be blocking: accepting until EAGAIN
+        # on it would block the loop in accept().
+        sock.setblocking(False)
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()

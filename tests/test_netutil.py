@@ -338,6 +338,32 @@ def test_accept_handler_needs_running_loop(close_later: list[socket.socket]) -> 
         add_accept_handler(sock, lambda conn, addr: conn.close())
 
 
+@pytest.mark.timeout(10)
+def test_a_blocking_listening_socket_does_not_stall_the_loop(
+    close_later: list[socket.socket],
+) -> None:
+    """A socket made by hand (``socket.create_server``) is blocking: accepting
+    until EAGAIN on it would block the loop in accept() for good."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    close_later.append(sock)
+    close_later += _connect_clients(sock.getsockname()[1], 2)
+
+    async def main() -> int:
+        accepted: list[socket.socket] = []
+        remove = add_accept_handler(sock, lambda conn, address: accepted.append(conn))
+        try:
+            await until(lambda: len(accepted) == 2, message="both clients accepted")
+            await asyncio.sleep(0)  # the loop goes on after the batch
+        finally:
+            remove()
+            for conn in accepted:
+                conn.close()
+        return len(accepted)
+
+    assert asyncio.run(main()) == 2
+    assert sock.getblocking() is False
+
+
 def _connect_clients(port: int, n: int) -> list[socket.socket]:
     clients = []
     for _ in range(n):
@@ -449,6 +475,9 @@ class FlakySocket:
 
     def getsockname(self) -> Any:
         return self.sock.getsockname()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
 
     def accept(self) -> tuple[socket.socket, Any]:
         self.calls.append(time.monotonic())
@@ -598,6 +627,8 @@ class Counting:
         return self.sock.fileno()
     def getsockname(self):
         return self.sock.getsockname()
+    def setblocking(self, flag):
+        self.sock.setblocking(flag)
     def accept(self):
         self.calls += 1
         return self.sock.accept()
