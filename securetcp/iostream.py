@@ -57,6 +57,8 @@ DEFAULT_READ_CHUNK_SIZE = 64 * 1024
 # Unconsumed data a stream buffers before it stops reading from the socket
 # (the kernel's receive window then pushes back on the peer).
 _HIGH_WATER = 256 * 1024
+# A relay gathers reads this large (full TLS records) while more are buffered.
+_GATHER_FROM = 16 * 1024
 # Small writes queued behind a blocked one are merged up to this size, so a
 # burst of tiny messages becomes one send (and one TLS record), not many.
 _COALESCE_LIMIT = 64 * 1024
@@ -422,9 +424,12 @@ class IOStream:
     def _fail_read(self, error: BaseException | None) -> None:
         if self._delivery is not None:
             if self._rbuf and not self._closed:
-                # A clean end of stream while the relay is paused: the
-                # bytes held come first (_resume_delivery ends it after).
+                # A clean end of stream with bytes held or gathered: they
+                # come first (_resume_delivery ends it after them).
                 self._delivery_end_held = True
+                if self._on_data is not None:
+                    self._on_data = None
+                    self._resume_delivery()
             else:
                 self._end_delivery()
             return
@@ -490,7 +495,18 @@ class IOStream:
         on_data = self._on_data
         if on_data is not None:
             # A relay (_deliver): no future, no loop callback, no task step.
-            on_data(bytes(scratch[:n]))
+            buf = self._rbuf
+            if n >= _GATHER_FROM and len(buf) + n < len(scratch) and self._input_buffered():
+                # Full TLS records and more behind them: one write for all.
+                buf += scratch[:n]
+                return True
+            if buf:
+                buf += scratch[:n]
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(scratch[:n])
+            on_data(data)
             return not self._closed
         future = self._read_future
         if (
