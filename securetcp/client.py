@@ -28,6 +28,7 @@ from typing import Any, TypeAlias, TypeVar
 
 import certifi
 
+from securetcp._logging import format_address
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
 from securetcp.tls import INTERMEDIATE_CIPHERS, SSLOptionsError
 from securetcp.tls.files import load_ca, load_pair, use_pair
@@ -155,10 +156,6 @@ class _Deadline:
             raise _Expired(stage) from None
 
 
-def _format_where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _os_error(error: OSError, message: str) -> OSError:
     """``error`` restated with `message`: the same errno and class (ConnectionRefusedError,
     ConnectionResetError, TimeoutError...); ConnectionError where there is no subclass."""
@@ -226,7 +223,7 @@ async def connect(
     context = _resolve_context(ssl)
     if server_hostname is not None and context is None:
         raise ValueError("connect: server_hostname is only meaningful with ssl")
-    where = _format_where(host, port)
+    where = format_address((host, port))
     deadline = _Deadline(timeout)
     try:
         sock = await _connect_socket(host, port, where, deadline, source_address)
@@ -264,7 +261,7 @@ async def _connect_socket(
     # (address tried, what failed if not the connect itself, the error)
     errors: list[tuple[str, str, OSError]] = []
     for family, type_, proto, _, address in infos:
-        label = _format_where(str(address[0]), port)
+        label = format_address((str(address[0]), port))
         sock = socket.socket(family, type_, proto)
         try:
             sock.setblocking(False)

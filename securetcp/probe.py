@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 
 from cryptography import x509
 
+from securetcp._logging import format_address
 from securetcp.certs import certificate_label, describe_certificate
 
 __all__ = ["FAILURE_KINDS", "ProbeFailure", "ProbeResult", "parse_target", "probe"]
@@ -383,12 +384,8 @@ def _context(
     return context
 
 
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
-    where = _where(host, port)
+    where = format_address((host, port))
     try:
         return socket.create_connection((host, port), timeout=deadline.left())
     except socket.gaierror as e:
@@ -500,10 +497,10 @@ def _attempt(
     version: str | None,
 ) -> None:
     """One connection: fill ``result`` with what it shows; raise _Failed if it fails."""
-    where = _where(result.host, result.port)
+    where = format_address((result.host, result.port))
     sock = _connect(result.host, result.port, deadline)
     peer = sock.getpeername()
-    result.address = _where(peer[0], peer[1])
+    result.address = format_address((peer[0], peer[1]))
     conn = _Connection(sock, context, result.server_name)
     try:
         try:
@@ -589,6 +586,5 @@ def summary(result: ProbeResult) -> str:
     if result.failure is not None:
         return result.failure.message
     leaf = certificate_label(result.chain[0]) if result.chain else "no certificate"
-    return (
-        f"{_where(result.host, result.port)}: {result.protocol} {result.cipher}, {leaf}, verified"
-    )
+    where = format_address((result.host, result.port))
+    return f"{where}: {result.protocol} {result.cipher}, {leaf}, verified"

@@ -32,11 +32,11 @@ import signal
 import socket
 import ssl
 import sys
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
+from securetcp._logging import RateLimitedLog, format_address
 from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
 from securetcp.iostream import IOStream, StreamBufferFullError
 from securetcp.netutil import add_accept_handler, bind_sockets
@@ -99,40 +99,6 @@ _SWEEP_SLACK = 0.05
 # Python 3.12+: a handler's first step runs at once, in the callback that
 # completed the handshake, instead of one loop iteration later.
 _EAGER_TASKS = sys.version_info >= (3, 12)
-
-
-class _RateLimitedLog:
-    """At most `burst` lines per `period` seconds; the rest are counted and summarised."""
-
-    __slots__ = ("_burst", "_count", "_logger", "_period", "_suppressed", "_window_start")
-
-    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 10.0) -> None:
-        self._logger = logger
-        self._burst = burst
-        self._period = period
-        self._window_start = 0.0
-        self._count = 0
-        self._suppressed = 0
-
-    def info(self, message: str, *args: object) -> None:
-        if not self._logger.isEnabledFor(logging.INFO):
-            return
-        now = time.monotonic()
-        if now - self._window_start >= self._period:
-            if self._suppressed:
-                self._logger.info(
-                    "%d more similar messages suppressed in the last %.0f s",
-                    self._suppressed,
-                    self._period,
-                )
-            self._window_start = now
-            self._count = 0
-            self._suppressed = 0
-        if self._count < self._burst:
-            self._count += 1
-            self._logger.info(message, *args)
-        else:
-            self._suppressed += 1
 
 
 class TCPServer:
@@ -212,7 +178,7 @@ class TCPServer:
         self._deadlines: OrderedDict[SSLIOStream, float] = OrderedDict()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._handshaking = 0  # TLS handshakes and PROXY headers in progress
-        self._fail_log = _RateLimitedLog(log)
+        self._fail_log = RateLimitedLog(log)
 
         self._accepted = 0
         self._handshakes = 0
@@ -631,13 +597,22 @@ class TCPServer:
             log.exception("authorize() raised for %s; refusing the peer", address)
             return False
 
+    def count_failure(self, reason: str) -> None:
+        """Count one failed connection under `reason` in ``stats.failures``.
+
+        For subclasses that fail connections for reasons of their own (a
+        proxy's unreachable upstream, an application's protocol error): they
+        show in `stats` and the metrics next to the server's own reasons.
+        """
+        self._failures[reason] = self._failures.get(reason, 0) + 1
+
     def _count_failure(
         self, reason: str, address: Any, error: BaseException | None, detail: object = None
     ) -> None:
-        self._failures[reason] = self._failures.get(reason, 0) + 1
+        self.count_failure(reason)
         self._fail_log.info(
             "TLS handshake with %s failed (%s): %s",
-            _format_address(address),
+            format_address(address),
             reason,
             detail if error is None else error,
         )
@@ -673,11 +648,11 @@ class TCPServer:
     ) -> None:
         self._handler_errors += 1
         if error is None:
-            log.exception("Error in handle_stream for %s", _format_address(address))
+            log.exception("Error in handle_stream for %s", format_address(address))
         else:
             log.error(
                 "Error in handle_stream for %s",
-                _format_address(address),
+                format_address(address),
                 exc_info=(type(error), error, error.__traceback__),
             )
         stream.close()
@@ -815,10 +790,3 @@ def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
                     "task": task,
                 }
             )
-
-
-def _format_address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(address) or "unix socket"

@@ -412,6 +412,33 @@ async def test_plain_tcp_server(no_fd_leak: None) -> None:
     assert type(server.streams[0]) is IOStream
 
 
+class GreetingServer(TCPServer):
+    """Expects b"hello\\n" first; anything else is a failure of its own protocol."""
+
+    async def handle_stream(self, stream: IOStream, address: Any) -> None:
+        try:
+            if await stream.read_until(b"\n", max_bytes=64) == b"hello\n":
+                await stream.write(b"welcome\n")
+            else:
+                self.count_failure("bad_greeting")
+        finally:
+            stream.close()
+
+
+async def test_count_failure_adds_a_subclass_reason_to_stats(pki: PKI, no_fd_leak: None) -> None:
+    server = GreetingServer(ssl_options=pki.ssl_options())
+    async with serving(server) as port:
+        for greeting in (b"hello\n", b"hi\n", b"bye\n"):
+            reader, writer = await open_tls(port, pki.client_context())
+            writer.write(greeting)
+            await reader.read()
+            await close_writer(writer)
+        await until(lambda: server.stats.active == 0)
+        stats = server.stats
+        assert stats.failures == {"bad_greeting": 2}
+        assert stats.handshakes == 3
+
+
 # ----------------------------------------------------------- lifecycle
 
 

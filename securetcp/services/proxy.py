@@ -28,7 +28,6 @@ counted in ``stats.failures["upstream"]``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import functools
 import ipaddress
@@ -37,13 +36,13 @@ import os
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
+from securetcp._logging import RateLimitedLog, format_address
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
-from securetcp.tcpserver import ServerStats, TCPServer
+from securetcp.tcpserver import TCPServer
 
 __all__ = ["TLSProxy", "UpstreamError", "allow_list", "parse_upstream"]
 
@@ -139,47 +138,6 @@ def allow_list(
     return authorize
 
 
-# --------------------------------------------------------------- logging
-
-
-class _RateLimitedLog:
-    """At most `burst` lines per `period` seconds; the rest are counted and summarised."""
-
-    def __init__(self, logger: logging.Logger, burst: int = 20, period: float = 10.0) -> None:
-        self._logger = logger
-        self._burst = burst
-        self._period = period
-        self._window_start = 0.0
-        self._count = 0
-        self._suppressed = 0
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        if not self._logger.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        if now - self._window_start >= self._period:
-            if self._suppressed:
-                self._logger.log(
-                    level,
-                    "%d more similar messages suppressed in the last %.0f s",
-                    self._suppressed,
-                    self._period,
-                )
-            self._window_start, self._count, self._suppressed = now, 0, 0
-        if self._count < self._burst:
-            self._count += 1
-            self._logger.log(level, message, *args)
-        else:
-            self._suppressed += 1
-
-
-def _where(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0])
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    return str(address) or "unix socket"
-
-
 def _reason(error: BaseException) -> str:
     """A short, lower-case reason for a log line."""
     if isinstance(error, ssl.SSLCertVerificationError):
@@ -211,6 +169,11 @@ class TLSProxy(TCPServer):
     upstream connection with a PROXY protocol header carrying the client's
     address, before any TLS byte. Every other keyword goes to `TCPServer`
     (``ssl_options=None`` accepts plain TCP clients).
+
+    Besides the server's own, ``stats.failures`` counts ``"upstream"`` (the
+    upstream refused, timed out or failed its TLS handshake) and
+    ``"upstream_reset"`` / ``"client_reset"`` (that side's connection broke
+    with an error mid-transfer).
     """
 
     half_close = True  # one direction may end while the other goes on
@@ -274,30 +237,8 @@ class TLSProxy(TCPServer):
             else:
                 family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
                 self._sockaddr = (family, (str(ip), self.upstream[1]))
-        self._proxy_failures: dict[str, int] = {}
-        self._log = _RateLimitedLog(log)
+        self._log = RateLimitedLog(log)
         self._upstreams: set[IOStream] = set()
-
-    # ------------------------------------------------------------- stats
-
-    @property
-    def stats(self) -> ServerStats:
-        """The server's counters, with the proxy's failures in ``failures``.
-
-        ``"upstream"``: the upstream refused, timed out or failed its TLS
-        handshake; ``"upstream_reset"`` / ``"client_reset"``: that side's
-        connection broke with an error mid-transfer.
-        """
-        stats = super().stats
-        if not self._proxy_failures:
-            return stats
-        failures = dict(stats.failures)
-        for reason, count in self._proxy_failures.items():
-            failures[reason] = failures.get(reason, 0) + count
-        return dataclasses.replace(stats, failures=failures)
-
-    def _count(self, reason: str) -> None:
-        self._proxy_failures[reason] = self._proxy_failures.get(reason, 0) + 1
 
     # -------------------------------------------------------------- serve
 
@@ -314,7 +255,11 @@ class TLSProxy(TCPServer):
             raise
         self._upstreams.add(upstream)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("client %s: connected to upstream %s", _where(address), _where(self.upstream))
+            log.debug(
+                "client %s: connected to upstream %s",
+                format_address(address),
+                format_address(self.upstream),
+            )
         # A pump blocked writing to a peer that stopped reading is woken only
         # by that peer's stream closing: when one side closes, see to the other.
         timers: list[asyncio.TimerHandle] = []
@@ -356,12 +301,12 @@ class TLSProxy(TCPServer):
             timers.append(asyncio.get_running_loop().call_later(self.idle_timeout, _abort, other))
 
     def _upstream_failed(self, address: Any, error: BaseException) -> None:
-        self._count(UPSTREAM)
+        self.count_failure(UPSTREAM)
         self._log.log(
             logging.WARNING,
             "upstream %s for client %s: %s",
-            _where(self.upstream),
-            _where(address),
+            format_address(self.upstream),
+            format_address(address),
             error,
         )
 
@@ -369,9 +314,12 @@ class TLSProxy(TCPServer):
         """Close both ends; count a side that broke with an error."""
         self._upstreams.discard(upstream)
         if _broken(client.error):
-            self._count(CLIENT_RESET)
+            self.count_failure(CLIENT_RESET)
             self._log.log(
-                logging.INFO, "client connection broke (%s): %s", _where(address), client.error
+                logging.INFO,
+                "client connection broke (%s): %s",
+                format_address(address),
+                client.error,
             )
         error = upstream.error
         if _broken(error):
@@ -380,11 +328,11 @@ class TLSProxy(TCPServer):
                 # says so after our side of the handshake has completed.
                 self._upstream_failed(address, UpstreamError(_reason(error)))
             else:
-                self._count(UPSTREAM_RESET)
+                self.count_failure(UPSTREAM_RESET)
                 self._log.log(
                     logging.INFO,
                     "upstream connection broke (client %s): %s",
-                    _where(address),
+                    format_address(address),
                     error,
                 )
         client.close()
