@@ -423,9 +423,9 @@ class IOStream:
 
     def _fail_read(self, error: BaseException | None) -> None:
         if self._delivery is not None:
-            if self._rbuf and not self._closed:
-                # A clean end of stream with bytes held or gathered: they
-                # come first (_resume_delivery ends it after them).
+            if self._rbuf and error is None:
+                # A clean end of stream (or close) with bytes held or
+                # gathered: they come first (_resume_delivery ends it after).
                 self._delivery_end_held = True
                 if self._on_data is not None:
                     self._on_data = None
