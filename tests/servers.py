@@ -43,6 +43,15 @@ async def until(
         await asyncio.sleep(0.005)
 
 
+def whole_lines(text: str) -> str:
+    """`text` up to its last newline: what a process writing it has finished.
+
+    A reader polling a file that a server writes to may catch a line half
+    written (a port cut short, JSON cut mid-string); it is read whole next time.
+    """
+    return text[: text.rfind("\n") + 1]
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 5.0, message: str = "condition"
 ) -> None:
@@ -526,7 +535,7 @@ def wait_for_text(path: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re
     deadline = time.monotonic() + 15.0
     while True:
         text = path.read_text(errors="replace")
-        match = re.search(pattern, text[: text.rfind("\n") + 1])
+        match = re.search(pattern, whole_lines(text))
         if match:
             return match
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -22,6 +22,7 @@ import pytest
 import trustme
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
+from servers import whole_lines
 from test_probe import Echo, ThreadedServer
 
 from securetcp import TLSConfig
@@ -274,11 +275,6 @@ def test_a_clear_error_without_prometheus_client(tmp_path: Path) -> None:
     )
 
 
-def whole_lines(path: Path) -> str:
-    text = path.read_text()
-    return text[: text.rfind("\n") + 1]
-
-
 def two_free_ports() -> int:
     """A port P with P and P + 1 both free (the endpoints of two workers)."""
     for _ in range(50):
@@ -309,7 +305,9 @@ def test_forked_workers_each_serve_their_own_numbers(tmp_path: Path) -> None:
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.PIPE)
     try:
         # Whole lines only: a worker may be writing its line (and its port) still.
-        text = poll(lambda: (t := whole_lines(out_path)).count("metrics on") == 2 and t, 20)
+        text = poll(
+            lambda: (t := whole_lines(out_path.read_text())).count("metrics on") == 2 and t, 20
+        )
         port = int(re.search(r"127\.0\.0\.1:(\d+)", text).group(1))  # type: ignore[union-attr]
         assert f"127.0.0.1:{metrics}/metrics" in text and f"127.0.0.1:{metrics + 1}/" in text
         context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.pem"))

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 from conftest import PKI
-from servers import HOST, ROOT, EchoServer, close_writer, open_tls
+from servers import HOST, ROOT, EchoServer, close_writer, open_tls, until, whole_lines
 
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.tcpserver import TCPServer
@@ -107,7 +107,7 @@ class Process:
         while True:
             text = self.out.read_text(errors="replace")
             # Whole lines only: the port of a line still being written may be cut short.
-            match = ANNOUNCED.search(text[: text.rfind("\n") + 1])
+            match = ANNOUNCED.search(whole_lines(text))
             if match:
                 return int(match.group(1))
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -182,14 +182,6 @@ async def exchange(port: int, payload: bytes, context: ssl.SSLContext | None = N
         await close_writer(writer)
 
 
-async def eventually(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def pki_dir(pki: PKI) -> str:
     """The PKI's directory: ca.pem, server.pem/.key, client.pem/.key, as `certs init` writes."""
     return str(pki.ca_file.parent)
@@ -251,7 +243,9 @@ async def test_haproxy_in_front_of_securetcp_echo_command(tmp_path: Path, pki: P
         finally:
             await close_writer(writer)
         # The echo server logs (at debug level) who connected: the client's port.
-        await eventually(lambda: str(client_port) in echo.output(), "the client's address")
+        await until(
+            lambda: str(client_port) in echo.output(), timeout=10.0, message="the client's address"
+        )
 
 
 # ----------------------------------------------------- securetcp in front
@@ -292,11 +286,12 @@ async def test_securetcp_proxy_send_proxy_v2_to_haproxy_accept_proxy(
             finally:
                 await close_writer(writer)
             # HAProxy logs the connection once it ends, with the address from the header.
-            await eventually(
+            await until(
                 lambda: (
                     f"client={HOST}:{client_port} frontend={HOST}:{proxy_port}" in haproxy.output()
                 ),
-                "HAProxy's log line",
+                timeout=10.0,
+                message="HAProxy's log line",
             )
 
 
@@ -441,7 +436,9 @@ async def test_stunnel_refusing_our_missing_client_cert_closes_the_client(
                 assert await closed(reader)
             finally:
                 await close_writer(writer)
-            await eventually(lambda: "upstream" in proxy.output(), "the logged failure")
+            await until(
+                lambda: "upstream" in proxy.output(), timeout=10.0, message="the logged failure"
+            )
     assert upstream_never_reached(upstream)
 
 
@@ -489,7 +486,9 @@ async def test_faults_leave_the_proxy_serving_without_leaks(tmp_path: Path, pki:
         with process(argv, tmp_path, "proxy") as proxy:
             port = await proxy.announced_port()
             assert await exchange(port, b"warm", pki.client_context()) == b"warm"
-            await eventually(lambda: upstream.stats.active == 0, "the warm-up closed")
+            await until(
+                lambda: upstream.stats.active == 0, timeout=10.0, message="the warm-up closed"
+            )
             baseline = proxy.fd_count()
 
             # The upstream resets mid-transfer: the client is reset too.
@@ -516,8 +515,16 @@ async def test_faults_leave_the_proxy_serving_without_leaks(tmp_path: Path, pki:
 
             # Others are still served, and every descriptor came back.
             assert await exchange(port, b"still here", pki.client_context()) == b"still here"
-            await eventually(lambda: upstream.stats.active == 0, "upstream connections closed")
-            await eventually(lambda: proxy.fd_count() == baseline, "the proxy's descriptors")
+            await until(
+                lambda: upstream.stats.active == 0,
+                timeout=10.0,
+                message="upstream connections closed",
+            )
+            await until(
+                lambda: proxy.fd_count() == baseline,
+                timeout=10.0,
+                message="the proxy's descriptors",
+            )
     assert "upstream connection broke" in proxy.output()
 
 
@@ -545,7 +552,9 @@ async def test_upstream_down_or_silent_closes_clients_at_once(tmp_path: Path, pk
             await down.wait_listening(port)
             await quiet.wait_listening(silent_proxy)
             # wait_listening's probe is a plain client too: its upstream times out first.
-            await eventually(lambda: "timed out" in quiet.output(), "the probe's timeout")
+            await until(
+                lambda: "timed out" in quiet.output(), timeout=10.0, message="the probe's timeout"
+            )
             baseline = (down.fd_count(), quiet.fd_count())
             for _ in range(3):
                 reader, writer = await open_tls(port, pki.client_context())
@@ -559,14 +568,18 @@ async def test_upstream_down_or_silent_closes_clients_at_once(tmp_path: Path, pk
                     assert await closed(reader)
                 finally:
                     await close_writer(writer)
-            await eventually(
+            await until(
                 lambda: len(re.findall("connection refused", down.output())) == 3,
-                "three refused connections logged",
+                timeout=10.0,
+                message="three refused connections logged",
             )
-            await eventually(
+            await until(
                 lambda: len(re.findall("timed out", quiet.output())) == 1 + 3,
-                "three timeouts logged",
+                timeout=10.0,
+                message="three timeouts logged",
             )
-            await eventually(
-                lambda: (down.fd_count(), quiet.fd_count()) == baseline, "descriptors back"
+            await until(
+                lambda: (down.fd_count(), quiet.fd_count()) == baseline,
+                timeout=10.0,
+                message="descriptors back",
             )

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from servers import whole_lines
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = Path(__file__).with_name("serve.py")
 HOST = "127.0.0.1"
@@ -61,9 +63,8 @@ def complete_json_lines(path: Path) -> list[dict[str, Any]]:
     The server writes its events while we read them, so the last line may be cut
     short; it is read again, whole, on the next poll.
     """
-    text = path.read_text(errors="replace")
-    complete = text[: text.rfind("\n") + 1]
-    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
+    lines = whole_lines(path.read_text(errors="replace")).splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 def poll(predicate: Any, timeout: float, message: str) -> None:
