@@ -487,16 +487,17 @@ class IOStream:
                 # (A short read: the kernel had no more.)
                 return
 
-    def _take(self, n: int) -> bool:
+    def _take(self, n: int, more_buffered: bool = False) -> bool:
         """Hand the `n` fresh bytes in the scratch buffer to the pending read,
-        or keep them; False when reading should stop for now."""
+        or keep them; False when reading should stop for now. `more_buffered`:
+        the subclass holds more input already (full TLS records behind these)."""
         self._bytes_received += n
         scratch = self._scratch
         on_data = self._on_data
         if on_data is not None:
             # A relay (_deliver): no future, no loop callback, no task step.
             buf = self._rbuf
-            if n >= _GATHER_FROM and len(buf) + n < len(scratch) and self._input_buffered():
+            if more_buffered and n >= _GATHER_FROM and len(buf) + n < len(scratch):
                 # Full TLS records and more behind them: one write for all.
                 buf += scratch[:n]
                 return True

@@ -366,7 +366,7 @@ class SSLIOStream(IOStream):
             return
         scratch = self._scratch
         full = len(scratch)
-        read_ahead = self._tls_ptr and _has_pending is not None
+        read_ahead = bool(self._tls_ptr) and _has_pending is not None
         while True:
             try:
                 n = tls.read(full, scratch)
@@ -387,12 +387,14 @@ class SSLIOStream(IOStream):
             if n == 0:
                 self._on_eof()
                 return
-            if not self._take(n):
-                return
             # Keep reading only where more data is likely: bytes inside
             # OpenSSL, or (without read-ahead) a full record just read.
+            # (Asked once, before _take: nothing it does reads from OpenSSL.)
+            more = read_ahead and self._input_buffered()
+            if not self._take(n, more):
+                return
             if read_ahead:
-                if not self._input_buffered():
+                if not more:
                     return
             elif n < _TLS_RECORD and not tls.pending():
                 return
