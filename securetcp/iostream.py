@@ -31,7 +31,7 @@ import errno
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from securetcp.proxyproto import ProxyHeader
@@ -82,6 +82,14 @@ class UnsatisfiableReadError(Exception):
 class StreamBufferFullError(Exception):
     """A read needed more than ``max_buffer_size`` bytes, or a write found more
     than ``max_write_buffer_size`` bytes already queued."""
+
+
+class _Receiver(Protocol):
+    """What a stream delivers its bytes to (`_deliver`): a `securetcp.relay.Relay`."""
+
+    def _on_data(self, data: bytes) -> object: ...
+
+    def _on_end(self) -> object: ...
 
 
 _scratch = threading.local()
@@ -150,7 +158,6 @@ class IOStream:
         "_max_buffer_size",
         "_max_write_buffer_size",
         "_on_close",
-        "_on_data",
         "_rbuf",
         "_read_arg",
         "_read_future",
@@ -160,6 +167,7 @@ class IOStream:
         "_read_scanned",
         "_read_wants_write",
         "_reading",
+        "_receiver",
         "_scratch",
         "_shut_future",
         "_sock",
@@ -229,9 +237,10 @@ class IOStream:
         self._closed = False
         self._close_callback: Callable[[], object] | None = None
         self._on_close = on_close
-        # A relay's callbacks (see _deliver): on_data, or None while paused.
-        self._delivery: tuple[Callable[[bytes], object], Callable[[], object]] | None = None
-        self._on_data: Callable[[bytes], object] | None = None
+        # The relay reading this stream (see _deliver), and the same while it
+        # is not paused (None while it is).
+        self._delivery: _Receiver | None = None
+        self._receiver: _Receiver | None = None
         self._delivery_end_held = False
         #: The exception that closed the stream, if any.
         self.error: BaseException | None = None
@@ -427,8 +436,8 @@ class IOStream:
                 # A clean end of stream (or close) with bytes held or
                 # gathered: they come first (_resume_delivery ends it after).
                 self._delivery_end_held = True
-                if self._on_data is not None:
-                    self._on_data = None
+                if self._receiver is not None:
+                    self._receiver = None
                     self._resume_delivery()
             else:
                 self._end_delivery()
@@ -493,8 +502,8 @@ class IOStream:
         the subclass holds more input already (full TLS records behind these)."""
         self._bytes_received += n
         scratch = self._scratch
-        on_data = self._on_data
-        if on_data is not None:
+        receiver = self._receiver
+        if receiver is not None:
             # A relay (_deliver): no future, no loop callback, no task step.
             buf = self._rbuf
             if more_buffered and n >= _GATHER_FROM and len(buf) + n < len(scratch):
@@ -507,7 +516,7 @@ class IOStream:
                 buf.clear()
             else:
                 data = bytes(scratch[:n])
-            on_data(data)
+            receiver._on_data(data)
             return not self._closed
         future = self._read_future
         if (
@@ -540,13 +549,13 @@ class IOStream:
 
     # ------------------------------------------------------------- relaying
 
-    def _deliver(self, on_data: Callable[[bytes], object], on_end: Callable[[], object]) -> None:
-        """Hand every byte read from now on to `on_data(data)`, as it arrives.
+    def _deliver(self, receiver: _Receiver) -> None:
+        """Hand every byte read from now on to ``receiver._on_data(data)``, as it arrives.
 
-        For a relay (`TLSProxy`'s pump): per chunk this saves the future,
-        the loop callback and the task step a read costs. `on_data` may
-        call `_pause_delivery()` (bytes are then held, up to the usual
-        high-water mark, until `_resume_delivery()`). `on_end()` is called
+        For a `securetcp.relay.Relay`: per chunk this saves the future, the
+        loop callback and the task step a read costs. ``_on_data`` may call
+        `_pause_delivery()` (bytes are then held, up to the usual high-water
+        mark, until `_resume_delivery()`). ``receiver._on_end()`` is called
         once reading is over: at the peer's end of stream, after the bytes
         held, or when the stream closes (see `error`). No read may be pending.
         """
@@ -554,7 +563,7 @@ class IOStream:
             self._read_future is not None and not self._read_future.done()
         ):
             raise RuntimeError("Already reading")
-        self._delivery = (on_data, on_end)
+        self._delivery = receiver
         if self._closed or (self._eof and not self._rbuf):
             self._end_delivery()
             return
@@ -563,19 +572,19 @@ class IOStream:
 
     def _pause_delivery(self) -> None:
         """Hold what is read (the relay's sink is full) until `_resume_delivery`."""
-        self._on_data = None
+        self._receiver = None
 
     def _resume_delivery(self) -> None:
         """Deliver the bytes held, then read on."""
-        delivery = self._delivery
-        if delivery is None or self._on_data is not None:
+        receiver = self._delivery
+        if receiver is None or self._receiver is not None:
             return
-        on_data = self._on_data = delivery[0]
+        self._receiver = receiver
         if self._rbuf:
             data = bytes(self._rbuf)
             self._rbuf.clear()
-            on_data(data)
-            if self._on_data is None or self._delivery is None:
+            receiver._on_data(data)
+            if self._receiver is None or self._delivery is None:
                 return  # paused again, or detached
         if self._delivery_end_held or self._closed:
             self._end_delivery()
@@ -583,21 +592,21 @@ class IOStream:
         if not self._reading and not self._eof:
             if self._input_buffered():
                 self._handle_read()
-            if not self._reading and not self._closed and self._on_data is not None:
+            if not self._reading and not self._closed and self._receiver is not None:
                 self._add_reader()
 
     def _stop_delivery(self) -> None:
         """Detach the relay (its sink is gone); reads buffer as usual."""
         self._delivery = None
-        self._on_data = None
+        self._receiver = None
 
     def _end_delivery(self) -> None:
-        delivery = self._delivery
+        receiver = self._delivery
         self._delivery = None
-        self._on_data = None
+        self._receiver = None
         self._delivery_end_held = False
-        if delivery is not None:
-            delivery[1]()
+        if receiver is not None:
+            receiver._on_end()
 
     def _on_eof(self) -> None:
         self._eof = True

@@ -35,13 +35,13 @@ import logging
 import os
 import socket
 import ssl
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from securetcp._logging import RateLimitedLog, format_address
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.relay import PeerBrokeError, Relay, abort, broke
 from securetcp.tcpserver import TCPServer
 
 __all__ = ["TLSProxy", "UpstreamError", "allow_list", "parse_upstream"]
@@ -61,10 +61,6 @@ CLIENT_RESET = "client_reset"  # the client connection broke mid-transfer
 
 class UpstreamError(ConnectionError):
     """The upstream could not be reached: refused, timed out, or its TLS handshake failed."""
-
-
-class _PeerBroke(Exception):
-    """Why a stream was aborted: its peer's connection on the other side broke."""
 
 
 # ----------------------------------------------------------------- options
@@ -273,8 +269,8 @@ class TLSProxy(TCPServer):
             if ended[0] == 2 and not both_ended.done():
                 both_ended.set_result(None)
 
-        _Pump(stream, upstream, one_ended)
-        _Pump(upstream, stream, one_ended)
+        Relay(stream, upstream, on_ended=one_ended)
+        Relay(upstream, stream, on_ended=one_ended)
         try:
             await both_ended
         finally:
@@ -295,10 +291,10 @@ class TLSProxy(TCPServer):
         if other.closed():
             return
         error = closed.error
-        if error is not None and not isinstance(error, _PeerBroke):
-            _abort(other)
+        if error is not None and not isinstance(error, PeerBrokeError):
+            abort(other)
         elif self.idle_timeout is not None:
-            timers.append(asyncio.get_running_loop().call_later(self.idle_timeout, _abort, other))
+            timers.append(asyncio.get_running_loop().call_later(self.idle_timeout, abort, other))
 
     def _upstream_failed(self, address: Any, error: BaseException) -> None:
         self.count_failure(UPSTREAM)
@@ -313,7 +309,7 @@ class TLSProxy(TCPServer):
     def _finish(self, client: IOStream, upstream: IOStream, address: Any) -> None:
         """Close both ends; count a side that broke with an error."""
         self._upstreams.discard(upstream)
-        if _broken(client.error):
+        if broke(client.error):
             self.count_failure(CLIENT_RESET)
             self._log.log(
                 logging.INFO,
@@ -322,7 +318,7 @@ class TLSProxy(TCPServer):
                 client.error,
             )
         error = upstream.error
-        if _broken(error):
+        if broke(error):
             if isinstance(error, ssl.SSLError) and upstream.bytes_received == 0:
                 # TLS 1.3: an upstream that refuses our client certificate
                 # says so after our side of the handshake has completed.
@@ -499,91 +495,3 @@ def _resolve_pending(future: asyncio.Future[None], error: BaseException | None) 
             future.set_result(None)
         else:
             future.set_exception(error)
-
-
-def _broken(error: BaseException | None) -> bool:
-    """Whether a stream was closed by a network or TLS error (not an idle timeout)."""
-    return isinstance(error, (OSError, ssl.SSLError)) and not isinstance(
-        error, (TimeoutError, StreamClosedError)
-    )
-
-
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
-def _abort(stream: IOStream) -> None:
-    """Close `stream` as broken: a TCP reset, and no TLS close_notify.
-
-    A peer then cannot mistake a truncated transfer for a complete one.
-    """
-    if stream.closed():
-        return
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-    except OSError:
-        pass
-    stream.close(_PeerBroke("the connection on the other side of the proxy broke"))
-
-
-class _Pump:
-    """Copies `source` to `sink` until `source` ends; then ends that direction on `sink`.
-
-    Bytes go from the source's read handler straight to `sink.write` (no
-    future, task or loop callback per chunk). A write the kernel does not
-    take at once pauses the source until it is out, so at most one chunk
-    waits in `sink`'s queue; meanwhile `source` stops reading from its
-    socket at its high-water mark and the kernel pushes back on the sender.
-    `on_ended()` is called once this direction is over.
-    """
-
-    __slots__ = ("on_ended", "sink", "source")
-
-    def __init__(self, source: IOStream, sink: IOStream, on_ended: Callable[[], object]) -> None:
-        self.source = source
-        self.sink = sink
-        self.on_ended: Callable[[], object] | None = on_ended
-        source._deliver(self._on_data, self._on_end)
-
-    def _on_data(self, data: bytes) -> None:
-        try:
-            written = self.sink.write(data)
-        except Exception as e:  # a bug, not a peer: break both sides, visibly
-            log.exception("proxy: writing to %r failed", self.sink)
-            self.source.close(e)
-            _abort(self.sink)
-            self._stop()
-            return
-        if not written.done():
-            self.source._pause_delivery()
-            written.add_done_callback(self._on_written)
-        elif written.exception() is not None:
-            self._stop()
-
-    def _on_written(self, written: asyncio.Future[None]) -> None:
-        if written.cancelled() or written.exception() is not None:
-            self._stop()  # the sink closed: _finish sees to both sides
-        else:
-            self.source._resume_delivery()
-
-    def _stop(self) -> None:
-        self.source._stop_delivery()
-        self._ended()
-
-    def _on_end(self) -> None:
-        sink = self.sink
-        if _broken(self.source.error):
-            _abort(sink)
-        elif not sink.closed():
-            # The kernel has every byte we read (a pending write paused the
-            # source): pass the end of stream on; the other direction goes
-            # on until it ends too.
-            shut = sink.shutdown_write()
-            if not shut.done():
-                shut.add_done_callback(self._ended)
-                return
-        self._ended()
-
-    def _ended(self, _: object = None) -> None:
-        on_ended, self.on_ended = self.on_ended, None
-        if on_ended is not None:
-            on_ended()
