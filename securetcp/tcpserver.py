@@ -41,6 +41,7 @@ from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
 from securetcp.iostream import IOStream, StreamBufferFullError
 from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
+from securetcp.relay import Relay
 from securetcp.ssliostream import SSLIOStream, close_lingering
 from securetcp.tls import ServerTLS, classify_handshake_error, make_server_tls
 from securetcp.tls.sni import (
@@ -166,7 +167,10 @@ class TCPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False  # handlers installed (not paused, not stopped)
         self._stopped = False
-        self._streams: set[IOStream] = set()
+        # Open streams, each with the relay serving it when handle_stream returned one.
+        self._streams: dict[IOStream, Relay | None] = {}
+        # One bound method for all the streams (each would hold its own).
+        self._stream_closed = self._on_stream_closed
         self._tasks: set[asyncio.Task[Any]] = set()  # the server's own (signal handling)
         # Running handle_stream coroutines, with the stream and address they serve.
         self._handlers: dict[asyncio.Task[Any], tuple[IOStream, Any]] = {}
@@ -362,6 +366,11 @@ class TCPServer:
             if isinstance(stream, SSLIOStream) and not stream.handshake_done:
                 stream.close()
         tasks = [t for t in self._handlers if t is not asyncio.current_task()]
+        tasks += [
+            asyncio.ensure_future(relay)
+            for relay in self._streams.values()
+            if relay is not None and not relay.done()
+        ]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         for stream in list(self._streams):
@@ -490,7 +499,7 @@ class TCPServer:
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
                     max_write_buffer_size=self.max_write_buffer_size,
-                    on_close=self._on_stream_closed,
+                    on_close=self._stream_closed,
                     half_close=self.half_close,
                 )
             else:
@@ -501,7 +510,7 @@ class TCPServer:
                     max_buffer_size=self.max_buffer_size,
                     read_chunk_size=self.read_chunk_size,
                     max_write_buffer_size=self.max_write_buffer_size,
-                    on_close=self._on_stream_closed,
+                    on_close=self._stream_closed,
                     half_close=self.half_close,
                 )
         except (OSError, ValueError, ssl.SSLError) as e:
@@ -510,7 +519,7 @@ class TCPServer:
             self._count_failure("eof", address, e)
             return
         stream.proxy_header = header
-        self._streams.add(stream)
+        self._streams[stream] = None
         if isinstance(stream, SSLIOStream):
             self._handshaking += 1
             if self.handshake_timeout is not None:
@@ -625,7 +634,11 @@ class TCPServer:
         except Exception:
             self._handler_failed(stream, address)
             return
-        if inspect.isawaitable(result):
+        if isinstance(result, Relay):
+            # It runs on the stream's callbacks: no task to keep, only the relay.
+            if stream in self._streams:
+                self._streams[stream] = result
+        elif inspect.isawaitable(result):
             if _EAGER_TASKS and asyncio.iscoroutine(result):
                 task = asyncio.Task(result, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
             else:
@@ -658,7 +671,7 @@ class TCPServer:
         stream.close()
 
     def _on_stream_closed(self, stream: IOStream) -> None:
-        self._streams.discard(stream)
+        self._streams.pop(stream, None)
         self._bytes_received_closed += stream.bytes_received
         self._bytes_sent_closed += stream.bytes_sent
         if isinstance(stream.error, StreamBufferFullError):
@@ -725,7 +738,8 @@ class TCPServer:
     # ------------------------------------------------------------ override
 
     def handle_stream(self, stream: IOStream, address: Any) -> Any:
-        """Serve one connection; override this. May be a coroutine function.
+        """Serve one connection; override this. May be a coroutine function,
+        or return a `Relay` (served on the stream's callbacks, without a task).
 
         With TLS, `stream` is an `SSLIOStream` whose handshake has completed.
         The stream is yours: close it when done (the server closes it if this

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
-from securetcp.iostream import IOStream, StreamClosedError
+from securetcp.iostream import IOStream
+from securetcp.relay import Relay
 from securetcp.ssliostream import SSLIOStream
 from securetcp.tcpserver import TCPServer
 
@@ -23,8 +25,13 @@ class EchoServer(TCPServer):
 
     half_close = True
 
-    async def handle_stream(self, stream: IOStream, address: Any) -> None:
-        """Echo `stream` until the peer closes it."""
+    def handle_stream(self, stream: IOStream, address: Any) -> Awaitable[None]:
+        """Echo `stream` until the peer closes it.
+
+        A `Relay` from the stream to itself: the server runs it without a task
+        (a subclass may ``await super().handle_stream(...)``; that waits for
+        the echo to end).
+        """
         if isinstance(stream, SSLIOStream) and log.isEnabledFor(logging.DEBUG):
             identity = stream.peer_identity
             log.debug(
@@ -34,11 +41,4 @@ class EchoServer(TCPServer):
                 stream.cipher[0] if stream.cipher else "?",
                 identity.common_name if identity else "anonymous",
             )
-        try:
-            while True:
-                data = await stream.read_bytes(65536, partial=True)
-                await stream.write(data)
-        except StreamClosedError:
-            pass
-        finally:
-            stream.close()
+        return Relay(stream, stream, close=True)
