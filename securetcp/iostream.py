@@ -120,11 +120,16 @@ def _scratch_buffer(size: int) -> memoryview:
     return buffer
 
 
-def _silence(future: asyncio.Future[Any]) -> None:
-    # Write futures are often not awaited (fire-and-forget writes, as in
-    # tornado); retrieving the exception keeps asyncio from logging it.
-    if not future.cancelled():
-        future.exception()
+def _fail_quietly(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail a write or shutdown future that may never be awaited.
+
+    Write futures are often not awaited (fire-and-forget writes, as in
+    tornado): retrieving the exception at once keeps asyncio from logging
+    it, and costs no loop callback (a done callback would cost one for
+    every future, failed or not).
+    """
+    future.set_exception(error)
+    future.exception()
 
 
 # Kinds of pending read.
@@ -655,8 +660,7 @@ class IOStream:
                 data = memoryview(data)[sent:]
         if self._closed:
             future = self._loop.create_future()
-            future.add_done_callback(_silence)
-            future.set_exception(StreamClosedError(real_error=self.error))
+            _fail_quietly(future, StreamClosedError(real_error=self.error))
             return future
         if not data:
             return self._done
@@ -675,7 +679,6 @@ class IOStream:
             queue.append(data)
         self._wsize += len(data)
         future = self._loop.create_future()
-        future.add_done_callback(_silence)
         self._wfutures.append((self._bytes_sent + self._wsize, future))
         if not self._writing and not self._write_held:
             self._writing = True
@@ -744,9 +747,8 @@ class IOStream:
         future resolves once the end of stream was handed to the kernel.
         """
         future: asyncio.Future[None] = self._loop.create_future()
-        future.add_done_callback(_silence)
         if self._closed or self._write_shut or self._shut_future is not None:
-            future.set_exception(StreamClosedError(real_error=self.error))
+            _fail_quietly(future, StreamClosedError(real_error=self.error))
             return future
         self._shut_future = future
         if not self._wqueue and not self._write_held:
@@ -762,7 +764,7 @@ class IOStream:
             self.close(e)
         if future is not None and not future.done():
             if self._closed and self.error is not None:
-                future.set_exception(StreamClosedError(real_error=self.error))
+                _fail_quietly(future, StreamClosedError(real_error=self.error))
             else:
                 future.set_result(None)
         if self._eof and not self._closed:
@@ -797,10 +799,10 @@ class IOStream:
             error = StreamClosedError(real_error=self.error)
             for _, future in self._wfutures:
                 if not future.done():
-                    future.set_exception(error)
+                    _fail_quietly(future, error)
             self._wfutures.clear()
             if self._shut_future is not None and not self._shut_future.done():
-                self._shut_future.set_exception(error)
+                _fail_quietly(self._shut_future, error)
             self._shut_future = None
         self._wqueue.clear()
         self._wsize = 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import random
 import socket
@@ -712,3 +714,23 @@ async def test_zero_length_reads_complete_at_once(kind: str, pki: Any, no_fd_lea
         assert await read_exactly(server, 2) == b"\x00\x00"
         assert await asyncio.wait_for(server.read_bytes(0), 5) == b""
         assert await read_exactly(server, 3) == b"abc"
+
+
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+async def test_failed_writes_nobody_awaits_are_not_logged(
+    kind: str, pki: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    async with stream_pair(kind, pki) as (server, _):
+        # Queued behind a peer that does not read, then failed by the close.
+        while server.write(b"q" * 65536).done():
+            pass
+        queued = [server.write(b"more") for _ in range(3)]
+        server.close()
+        assert all(f.done() for f in queued)
+        del queued
+        # Failed at once: after the close.
+        server.write(b"late")
+        server.shutdown_write()
+        gc.collect()  # asyncio reports an unretrieved exception when the future goes
+    assert "never retrieved" not in caplog.text
