@@ -27,6 +27,7 @@ from servers import HOST, EchoServer, close_writer, open_tls, raw_connect, read_
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.netutil import bind_unix_socket
+from securetcp.services import echo as services_echo
 from securetcp.services.proxy import TLSProxy, allow_list, parse_upstream
 from securetcp.tcpserver import TCPServer
 from securetcp.tls import TLSConfig
@@ -787,6 +788,62 @@ async def test_upstream_that_never_answers_tls_times_out(pki: PKI, no_fd_leak: N
             finally:
                 await close_writer(writer)
             await until(lambda: proxy.stats.failures.get("upstream") == 1)
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: a new connect there stays
+    pending (the kernel drops its SYN), as to a host that does not answer."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind((HOST, 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):  # one more than the queue holds
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex((HOST, port))
+        yield port
+
+
+async def test_upstream_connect_that_never_completes_times_out(
+    pki: PKI, no_fd_leak: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="securetcp.proxy")
+    with unanswered_port() as upstream_port:
+        async with proxy_to(upstream_port, ssl_options=pki.ssl_options(), connect_timeout=0.3) as (
+            proxy,
+            port,
+        ):
+            reader, writer = await open_tls(port, pki.client_context())
+            try:
+                assert await closed_by_peer(reader)
+            finally:
+                await close_writer(writer)
+            # A client that leaves while its upstream is still connecting.
+            reader, writer = await open_tls(port, pki.client_context())
+            await close_writer(writer)
+            await until(lambda: proxy.stats.failures.get("upstream") == 2)
+            await until(lambda: proxy.stats.active == 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "securetcp.proxy"]
+    assert any("connect timed out after 0.3 s" in line for line in lines), lines
+
+
+async def test_a_proxied_connection_holds_no_task(pki: PKI, no_fd_leak: None) -> None:
+    # securetcp's echo service upstream: no task per connection either.
+    async with chain(services_echo.EchoServer(), ssl_options=pki.ssl_options()) as (proxy, port):
+        tasks_before = len(asyncio.all_tasks())
+        clients = [await open_tls(port, pki.client_context()) for _ in range(10)]
+        try:
+            for reader, writer in clients:
+                writer.write(b"ping")
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+            assert proxy.stats.active == 10
+            assert len(asyncio.all_tasks()) == tasks_before
+        finally:
+            for _, writer in clients:
+                await close_writer(writer)
+        await until(lambda: proxy.stats.active == 0)
 
 
 async def test_upstream_with_the_wrong_name_is_refused(pki: PKI, no_fd_leak: None) -> None:

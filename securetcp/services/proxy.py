@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import ipaddress
 import logging
 import os
@@ -238,55 +237,25 @@ class TLSProxy(TCPServer):
 
     # -------------------------------------------------------------- serve
 
-    async def handle_stream(self, stream: IOStream, address: Any) -> None:
-        """Connect to the upstream, then pipe bytes both ways until both ends close."""
-        try:
-            upstream = await self._connect_upstream(stream, address)
-        except UpstreamError as e:
-            self._upstream_failed(address, e)
-            stream.close()
-            return
-        except BaseException:
-            stream.close()
-            raise
-        self._upstreams.add(upstream)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "client %s: connected to upstream %s",
-                format_address(address),
-                format_address(self.upstream),
-            )
-        # A pump blocked writing to a peer that stopped reading is woken only
-        # by that peer's stream closing: when one side closes, see to the other.
-        timers: list[asyncio.TimerHandle] = []
-        stream.set_close_callback(functools.partial(self._side_closed, stream, upstream, timers))
-        upstream.set_close_callback(functools.partial(self._side_closed, upstream, stream, timers))
-        both_ended = asyncio.get_running_loop().create_future()
-        ended = [0]
+    def handle_stream(self, stream: IOStream, address: Any) -> asyncio.Future[None]:
+        """Connect to the upstream, then pipe bytes both ways until both ends close.
 
-        def one_ended() -> None:
-            ended[0] += 1
-            if ended[0] == 2 and not both_ended.done():
-                both_ended.set_result(None)
-
-        Relay(stream, upstream, on_ended=one_ended)
-        Relay(upstream, stream, on_ended=one_ended)
-        try:
-            await both_ended
-        finally:
-            for timer in timers:
-                timer.cancel()
-            self._finish(stream, upstream, address)
+        Runs on the streams' callbacks, without a task (a task only resolves
+        an upstream's name or sends a PROXY header); the future resolves
+        once both connections are over.
+        """
+        return _ProxiedConnection(self, stream, address).done
 
     def _side_closed(
         self, closed: IOStream, other: IOStream, timers: list[asyncio.TimerHandle]
     ) -> None:
         """One side's stream closed; make sure the other cannot outlive it for ever.
 
-        After an error or a timeout (idle_timeout, say) the other side is
-        aborted at once. After a clean end, the pump still delivers what it
-        read, but a peer that stopped reading gets at most `idle_timeout`
-        for it.
+        A relay blocked writing to a peer that stopped reading is woken only
+        by that peer's stream closing. After an error or a timeout
+        (idle_timeout, say) the other side is aborted at once. After a clean
+        end, the relay still delivers what it read, but a peer that stopped
+        reading gets at most `idle_timeout` for it.
         """
         if other.closed():
             return
@@ -459,6 +428,170 @@ class TLSProxy(TCPServer):
         except ValueError:
             # Mixed families (an IPv4 client behind an IPv6 listener...): say nothing.
             return self._encode_proxy_header(None, None, version=self.send_proxy)
+
+
+class _ProxiedConnection:
+    """One client and its upstream: connect, relay both ways, finish.
+
+    Driven by callbacks: the upstream socket's writability ends the connect
+    (a timer bounds it), then two `Relay`s carry the bytes, and the second
+    one to end closes both sides. Upstreams that need a name resolved, a
+    PROXY header or a TLS handshake are connected by
+    `TLSProxy._connect_upstream` in a task instead.
+    """
+
+    __slots__ = (
+        "address",
+        "client",
+        "done",
+        "ended",
+        "proxy",
+        "sock",
+        "timer",
+        "timers",
+        "upstream",
+    )
+
+    def __init__(self, proxy: TLSProxy, client: IOStream, address: Any) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.address = address
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.upstream: IOStream | None = None
+        self.sock: socket.socket | None = None  # while connecting
+        self.timer: asyncio.TimerHandle | None = None
+        self.timers: list[asyncio.TimerHandle] = []
+        self.ended = 0
+        sockaddr = proxy._sockaddr
+        if (
+            sockaddr is not None
+            and sockaddr[0] != socket.AF_UNIX
+            and proxy.upstream_ssl is None
+            and proxy.send_proxy is None
+        ):
+            self._connect(loop, sockaddr)
+        else:
+            task = loop.create_task(proxy._connect_upstream(client, address))
+            task.add_done_callback(self._on_connect_task)
+
+    # ----------------------------------------------------------- connect
+
+    def _connect(self, loop: asyncio.AbstractEventLoop, sockaddr: tuple[int, Any]) -> None:
+        try:
+            sock = socket.socket(sockaddr[0], socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors (EMFILE) or memory
+            self._failed(UpstreamError(f"cannot create a socket: {_reason(e)}"))
+            return
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            error = sock.connect_ex(sockaddr[1])
+        except OSError as e:
+            sock.close()
+            self._failed(UpstreamError(_reason(e)))
+            return
+        if error in (0, errno.EISCONN):
+            self._connected(sock)
+        elif error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+            self.sock = sock
+            loop.add_writer(sock.fileno(), self._on_connect_ready)
+            self.timer = loop.call_later(self.proxy.connect_timeout, self._on_connect_timeout)
+        else:
+            sock.close()
+            self._failed(UpstreamError(_reason(OSError(error, os.strerror(error)))))
+
+    def _stop_connecting(self) -> socket.socket | None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return sock
+
+    def _on_connect_ready(self) -> None:
+        sock = self._stop_connecting()
+        if sock is None:
+            return
+        try:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            error = e.errno or errno.EIO
+        if error:
+            sock.close()
+            self._failed(UpstreamError(_reason(OSError(error, os.strerror(error)))))
+        else:
+            self._connected(sock)
+
+    def _on_connect_timeout(self) -> None:
+        self.timer = None
+        sock = self._stop_connecting()
+        if sock is not None:
+            sock.close()
+            timeout = self.proxy.connect_timeout
+            self._failed(UpstreamError(f"connect timed out after {timeout:g} s"))
+
+    def _on_connect_task(self, task: asyncio.Task[IOStream]) -> None:
+        if task.cancelled():
+            self.client.close()
+            self._resolve()
+            return
+        error = task.exception()
+        if isinstance(error, UpstreamError):
+            self._failed(error)
+        elif error is not None:
+            self.client.close()
+            if not self.done.done():
+                self.done.set_exception(error)  # the server logs it as a handler error
+        else:
+            self._relay(task.result())
+
+    def _connected(self, sock: socket.socket) -> None:
+        self._relay(IOStream(sock, max_buffer_size=self.proxy.max_buffer_size, half_close=True))
+
+    def _failed(self, error: UpstreamError) -> None:
+        self.proxy._upstream_failed(self.address, error)
+        self.client.close()
+        self._resolve()
+
+    # ------------------------------------------------------------ relay
+
+    def _relay(self, upstream: IOStream) -> None:
+        proxy, client = self.proxy, self.client
+        self.upstream = upstream
+        proxy._upstreams.add(upstream)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client %s: connected to upstream %s",
+                format_address(self.address),
+                format_address(proxy.upstream),
+            )
+        client.set_close_callback(self._client_closed)
+        upstream.set_close_callback(self._upstream_closed)
+        Relay(client, upstream, on_ended=self._one_ended)
+        Relay(upstream, client, on_ended=self._one_ended)
+
+    def _client_closed(self) -> None:
+        if self.upstream is not None:
+            self.proxy._side_closed(self.client, self.upstream, self.timers)
+
+    def _upstream_closed(self) -> None:
+        if self.upstream is not None:
+            self.proxy._side_closed(self.upstream, self.client, self.timers)
+
+    def _one_ended(self) -> None:
+        self.ended += 1
+        if self.ended == 2:
+            for timer in self.timers:
+                timer.cancel()
+            assert self.upstream is not None
+            self.proxy._finish(self.client, self.upstream, self.address)
+            self._resolve()
+
+    def _resolve(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 async def _connect_tcp(
