@@ -92,6 +92,11 @@ class _Receiver(Protocol):
     def _on_end(self) -> object: ...
 
 
+#: What a stream's write queue and its futures are until a write must wait
+#: (two empty lists per idle connection saved). Never appended to: `write`
+#: replaces it with a list of the stream's own first.
+_NOTHING_QUEUED: list[Any] = []
+
 _scratch = threading.local()
 
 
@@ -230,10 +235,11 @@ class IOStream:
         self._half_close = half_close
         self._write_shut = False  # shutdown_write() done: FIN (close_notify) sent
         self._shut_future: asyncio.Future[None] | None = None
-        # Lists, not deques: an empty deque costs ~600 bytes per idle connection.
-        self._wqueue: list[bytes | bytearray | memoryview] = []
+        # Lists, not deques (an empty deque costs ~600 bytes), and made only
+        # when a write must wait: until then both are the shared empty one.
+        self._wqueue: list[bytes | bytearray | memoryview] = _NOTHING_QUEUED
         self._wsize = 0
-        self._wfutures: list[tuple[int, asyncio.Future[None]]] = []
+        self._wfutures: list[tuple[int, asyncio.Future[None]]] = _NOTHING_QUEUED
         self._writing = False
         self._write_held = False  # writes wait (e.g. for the TLS handshake)
         self._done = _completed_future(self._loop)
@@ -669,6 +675,9 @@ class IOStream:
                 f"{self._wsize} bytes already queued for writing, over "
                 f"max_write_buffer_size ({self._max_write_buffer_size}): the peer is not reading"
             )
+        if queue is _NOTHING_QUEUED:
+            queue = self._wqueue = []
+            self._wfutures = []
         tail = queue[-1] if len(queue) > 1 else None
         if isinstance(tail, bytearray) and len(tail) + len(data) <= _COALESCE_LIMIT:
             # Never the head: a TLS write must be retried with the same buffer.

@@ -734,3 +734,16 @@ async def test_failed_writes_nobody_awaits_are_not_logged(
         server.shutdown_write()
         gc.collect()  # asyncio reports an unretrieved exception when the future goes
     assert "never retrieved" not in caplog.text
+
+
+async def test_a_write_that_waits_queues_on_its_own_stream_only(pki: Any) -> None:
+    async with stream_pair("plain", pki) as (blocked, _), stream_pair("plain", pki) as (free, peer):
+        while blocked.write(b"q" * 65536).done():
+            pass  # until the kernel stops taking it: the rest waits in a queue
+        waiting = blocked.write(b"behind")
+        assert not waiting.done()
+        sent = free.write(b"straight through")
+        assert sent.done()  # nothing queued on this stream
+        assert await read_exactly(peer, 16) == b"straight through"
+        blocked.close()
+        assert waiting.done() and free.write(b"!").done()
