@@ -187,3 +187,24 @@ async def test_a_server_can_return_any_relay(pki: PKI, no_fd_leak: None) -> None
             finally:
                 sock.close()
             await until(lambda: server.stats.active == 0, message="the client's end")
+
+
+class ReadmeEcho(TCPServer):
+    """The README's relay echo, as printed there."""
+
+    half_close = True
+
+    def handle_stream(self, stream: IOStream, address: Any) -> Relay:
+        return Relay(stream, stream, close=True)
+
+
+async def test_the_readme_relay_echo_serves_tls(pki: PKI, no_fd_leak: None) -> None:
+    server = ReadmeEcho(pki.ssl_options())
+    async with serving(server) as port:
+        reader, writer = await open_tls(port, pki.client_context())
+        try:
+            writer.write(b"hello relay")
+            assert await asyncio.wait_for(reader.readexactly(11), 10) == b"hello relay"
+        finally:
+            await close_writer(writer)
+        await until(lambda: server.stats.active == 0, message="the connection closed")
