@@ -463,6 +463,22 @@ async def close_writer(writer: asyncio.StreamWriter) -> None:
         await asyncio.wait_for(writer.wait_closed(), 5)
 
 
+@contextlib.asynccontextmanager
+async def echoed_clients(
+    port: int, context: ssl.SSLContext, count: int
+) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """`count` open TLS clients, each of which has had one echo back; closed on exit."""
+    clients = [await open_tls(port, context) for _ in range(count)]
+    try:
+        for reader, writer in clients:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        yield clients
+    finally:
+        for _, writer in clients:
+            await close_writer(writer)
+
+
 async def echo_once(port: int, context: ssl.SSLContext | None, payload: bytes) -> bytes:
     """Connect, send `payload`, read as many bytes back, disconnect."""
     if context is None:

@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 from certbuilder import CertBuilder
 from conftest import PKI
-from servers import HOST, EchoServer, close_writer, open_tls, raw_connect, read_to_eof, until
+from servers import (
+    HOST,
+    EchoServer,
+    close_writer,
+    echoed_clients,
+    open_tls,
+    raw_connect,
+    read_to_eof,
+    until,
+)
 
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, StreamClosedError
@@ -833,16 +842,9 @@ async def test_a_proxied_connection_holds_no_task(pki: PKI, no_fd_leak: None) ->
     # securetcp's echo service upstream: no task per connection either.
     async with chain(services_echo.EchoServer(), ssl_options=pki.ssl_options()) as (proxy, port):
         tasks_before = len(asyncio.all_tasks())
-        clients = [await open_tls(port, pki.client_context()) for _ in range(10)]
-        try:
-            for reader, writer in clients:
-                writer.write(b"ping")
-                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        async with echoed_clients(port, pki.client_context(), 10):
             assert proxy.stats.active == 10
             assert len(asyncio.all_tasks()) == tasks_before
-        finally:
-            for _, writer in clients:
-                await close_writer(writer)
         await until(lambda: proxy.stats.active == 0)
 
 

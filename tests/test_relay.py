@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 from conftest import PKI
-from servers import EchoServer, close_writer, open_tls, raw_connect, read_to_eof, serving, until
+from servers import (
+    EchoServer,
+    close_writer,
+    echoed_clients,
+    open_tls,
+    raw_connect,
+    read_to_eof,
+    serving,
+    until,
+)
 from servers import stream_pair as make_stream_pair
 
 from securetcp.iostream import IOStream
@@ -86,16 +95,9 @@ async def test_an_echo_holds_no_task_per_connection(pki: PKI, no_fd_leak: None) 
     server = echo.EchoServer(pki.ssl_options())
     async with serving(server) as port:
         tasks_before = len(asyncio.all_tasks())
-        clients = [await open_tls(port, pki.client_context()) for _ in range(20)]
-        try:
-            for reader, writer in clients:
-                writer.write(b"ping")
-                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+        async with echoed_clients(port, pki.client_context(), 20):
             assert server.stats.active == 20
             assert len(asyncio.all_tasks()) == tasks_before  # the clients' own are not tasks
-        finally:
-            for _, writer in clients:
-                await close_writer(writer)
         await until(lambda: server.stats.active == 0, message="connections closed")
 
 
