@@ -829,13 +829,41 @@ async def test_upstream_connect_that_never_completes_times_out(
                 assert await closed_by_peer(reader)
             finally:
                 await close_writer(writer)
-            # A client that leaves while its upstream is still connecting.
-            reader, writer = await open_tls(port, pki.client_context())
-            await close_writer(writer)
-            await until(lambda: proxy.stats.failures.get("upstream") == 2)
+            await until(lambda: proxy.stats.failures.get("upstream") == 1)
             await until(lambda: proxy.stats.active == 0)
     lines = [r.getMessage() for r in caplog.records if r.name == "securetcp.proxy"]
     assert any("connect timed out after 0.3 s" in line for line in lines), lines
+
+
+async def test_a_client_that_resets_ends_its_upstream_connect(no_fd_leak: None) -> None:
+    with unanswered_port() as upstream_port:
+        async with proxy_to(upstream_port, connect_timeout=600) as (proxy, port):
+            client = await raw_connect(port)  # plain TCP: its reset reaches the proxy as one
+            await until(lambda: proxy.stats.accepted == 1)
+            # A reset (a clean end could be a half-close still waiting for the reply).
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            # Over without waiting for the connect: not counted as the upstream's fault.
+            await until(lambda: proxy.stats.active == 0)
+            assert proxy.stats.failures.get("upstream") is None
+
+
+async def test_closing_the_proxy_ends_upstream_connects_in_progress(
+    pki: PKI, no_fd_leak: None
+) -> None:
+    with unanswered_port() as upstream_port:
+        async with proxy_to(upstream_port, ssl_options=pki.ssl_options(), connect_timeout=600) as (
+            proxy,
+            port,
+        ):
+            reader, writer = await open_tls(port, pki.client_context())
+            await until(lambda: proxy.stats.handshakes == 1)
+        # The proxy closed (leaving proxy_to) with the connect still pending:
+        # the client is closed, and no descriptor is left (no_fd_leak).
+        try:
+            assert await closed_by_peer(reader)
+        finally:
+            await close_writer(writer)
 
 
 async def test_a_proxied_connection_holds_no_task(pki: PKI, no_fd_leak: None) -> None:

@@ -447,6 +447,7 @@ class _ProxiedConnection:
         "ended",
         "proxy",
         "sock",
+        "task",
         "timer",
         "timers",
         "upstream",
@@ -462,7 +463,11 @@ class _ProxiedConnection:
         self.sock: socket.socket | None = None  # while connecting
         self.timer: asyncio.TimerHandle | None = None
         self.timers: list[asyncio.TimerHandle] = []
+        self.task: asyncio.Task[IOStream] | None = None  # a connect that needs one
         self.ended = 0
+        # A client that leaves (or a server that closes) while the upstream
+        # is still connecting ends the connect too.
+        client.set_close_callback(self._client_closed)
         sockaddr = proxy._sockaddr
         if (
             sockaddr is not None
@@ -472,8 +477,8 @@ class _ProxiedConnection:
         ):
             self._connect(loop, sockaddr)
         else:
-            task = loop.create_task(proxy._connect_upstream(client, address))
-            task.add_done_callback(self._on_connect_task)
+            self.task = loop.create_task(proxy._connect_upstream(client, address))
+            self.task.add_done_callback(self._on_connect_task)
 
     # ----------------------------------------------------------- connect
 
@@ -533,6 +538,7 @@ class _ProxiedConnection:
             self._failed(UpstreamError(f"connect timed out after {timeout:g} s"))
 
     def _on_connect_task(self, task: asyncio.Task[IOStream]) -> None:
+        self.task = None
         if task.cancelled():
             self.client.close()
             self._resolve()
@@ -567,7 +573,6 @@ class _ProxiedConnection:
                 format_address(self.address),
                 format_address(proxy.upstream),
             )
-        client.set_close_callback(self._client_closed)
         upstream.set_close_callback(self._upstream_closed)
         Relay(client, upstream, on_ended=self._one_ended)
         Relay(upstream, client, on_ended=self._one_ended)
@@ -575,6 +580,13 @@ class _ProxiedConnection:
     def _client_closed(self) -> None:
         if self.upstream is not None:
             self.proxy._side_closed(self.client, self.upstream, self.timers)
+        elif self.task is not None:
+            self.task.cancel()  # _on_connect_task finishes
+        else:
+            sock = self._stop_connecting()
+            if sock is not None:
+                sock.close()
+                self._resolve()
 
     def _upstream_closed(self) -> None:
         if self.upstream is not None:
