@@ -65,7 +65,9 @@ class Relay:
     writes out what it read, ends the same direction on `sink`
     (`shutdown_write`: a FIN, or close_notify) and is over. When `source`
     breaks (a reset, a TLS error) `sink` is aborted with a reset. When
-    `sink` closes, the relay stops reading `source` and is over.
+    `sink` closes, the relay is over with the next bytes it has for it (at
+    once if a write was waiting), and `source` is no longer read for it.
+    `source` must have no read pending (``RuntimeError`` otherwise).
 
     ``Relay(stream, stream, close=True)`` is an echo. When the relay is over
     it closes both streams if `close` is true, then calls `on_ended()` (once).
