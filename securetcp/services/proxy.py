@@ -373,13 +373,13 @@ class TLSProxy(TCPServer):
         error: BaseException | None = None
         for family, sockaddr in candidates:
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-            except OSError as e:  # out of descriptors (EMFILE) or memory
-                raise UpstreamError(f"cannot create a socket: {_reason(e)}") from e
+                sock = _upstream_socket(family)
+            except UpstreamError:
+                raise  # no socket to be had: another address would not help
+            except OSError as e:
+                error = e
+                continue
             try:
-                sock.setblocking(False)
-                if family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if family == socket.AF_UNIX:
                     await self._within(loop.sock_connect(sock, sockaddr), deadline)
                 else:
@@ -441,6 +441,7 @@ class _ProxiedConnection:
     """
 
     __slots__ = (
+        "abandon",
         "address",
         "client",
         "done",
@@ -448,7 +449,6 @@ class _ProxiedConnection:
         "proxy",
         "sock",
         "task",
-        "timer",
         "timers",
         "upstream",
     )
@@ -461,7 +461,7 @@ class _ProxiedConnection:
         self.done: asyncio.Future[None] = loop.create_future()
         self.upstream: IOStream | None = None
         self.sock: socket.socket | None = None  # while connecting
-        self.timer: asyncio.TimerHandle | None = None
+        self.abandon: Callable[[], None] | None = None  # ends that connect
         self.timers: list[asyncio.TimerHandle] = []
         self.task: asyncio.Task[IOStream] | None = None  # a connect that needs one
         self.ended = 0
@@ -484,58 +484,35 @@ class _ProxiedConnection:
 
     def _connect(self, loop: asyncio.AbstractEventLoop, sockaddr: tuple[int, Any]) -> None:
         try:
-            sock = socket.socket(sockaddr[0], socket.SOCK_STREAM)
-        except OSError as e:  # out of descriptors (EMFILE) or memory
-            self._failed(UpstreamError(f"cannot create a socket: {_reason(e)}"))
+            sock = _upstream_socket(sockaddr[0])
+        except UpstreamError as e:
+            self._failed(e)
             return
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            error = sock.connect_ex(sockaddr[1])
         except OSError as e:
-            sock.close()
             self._failed(UpstreamError(_reason(e)))
             return
-        if error in (0, errno.EISCONN):
-            self._connected(sock)
-        elif error in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
-            self.sock = sock
-            loop.add_writer(sock.fileno(), self._on_connect_ready)
-            self.timer = loop.call_later(self.proxy.connect_timeout, self._on_connect_timeout)
-        else:
-            sock.close()
-            self._failed(UpstreamError(_reason(OSError(error, os.strerror(error)))))
-
-    def _stop_connecting(self) -> socket.socket | None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            asyncio.get_running_loop().remove_writer(sock.fileno())
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        return sock
-
-    def _on_connect_ready(self) -> None:
-        sock = self._stop_connecting()
-        if sock is None:
-            return
+        self.sock = sock
         try:
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.abandon = _start_connect(
+                loop, sock, sockaddr[1], self.proxy.connect_timeout, self._on_connect_done
+            )
         except OSError as e:
-            error = e.errno or errno.EIO
-        if error:
+            self.sock = None
             sock.close()
-            self._failed(UpstreamError(_reason(OSError(error, os.strerror(error)))))
-        else:
-            self._connected(sock)
+            self._failed(UpstreamError(_reason(e)))
 
-    def _on_connect_timeout(self) -> None:
-        self.timer = None
-        sock = self._stop_connecting()
-        if sock is not None:
-            sock.close()
+    def _on_connect_done(self, error: BaseException | None) -> None:
+        sock, self.sock, self.abandon = self.sock, None, None
+        assert sock is not None
+        if error is None:
+            self._relay(IOStream(sock, max_buffer_size=self.proxy.max_buffer_size, half_close=True))
+            return
+        sock.close()
+        if isinstance(error, asyncio.TimeoutError):
             timeout = self.proxy.connect_timeout
             self._failed(UpstreamError(f"connect timed out after {timeout:g} s"))
+        else:
+            self._failed(UpstreamError(_reason(error)))
 
     def _on_connect_task(self, task: asyncio.Task[IOStream]) -> None:
         self.task = None
@@ -552,9 +529,6 @@ class _ProxiedConnection:
                 self.done.set_exception(error)  # the server logs it as a handler error
         else:
             self._relay(task.result())
-
-    def _connected(self, sock: socket.socket) -> None:
-        self._relay(IOStream(sock, max_buffer_size=self.proxy.max_buffer_size, half_close=True))
 
     def _failed(self, error: UpstreamError) -> None:
         self.proxy._upstream_failed(self.address, error)
@@ -582,11 +556,12 @@ class _ProxiedConnection:
             self.proxy._side_closed(self.client, self.upstream, self.timers)
         elif self.task is not None:
             self.task.cancel()  # _on_connect_task finishes
-        else:
-            sock = self._stop_connecting()
-            if sock is not None:
-                sock.close()
-                self._resolve()
+        elif self.sock is not None:
+            if self.abandon is not None:
+                self.abandon()
+            self.sock.close()
+            self.sock = self.abandon = None
+            self._resolve()
 
     def _upstream_closed(self) -> None:
         if self.upstream is not None:
@@ -606,37 +581,87 @@ class _ProxiedConnection:
             self.done.set_result(None)
 
 
+def _upstream_socket(family: int) -> socket.socket:
+    """A new non-blocking socket for an upstream connection (TCP_NODELAY for TCP).
+
+    Raises UpstreamError if there is none to be had (out of descriptors or
+    memory), OSError if setting it up failed (it is then closed).
+    """
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise UpstreamError(f"cannot create a socket: {_reason(e)}") from e
+    try:
+        sock.setblocking(False)
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _start_connect(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    address: Any,
+    timeout: float,
+    on_done: Callable[[BaseException | None], object],
+) -> Callable[[], None] | None:
+    """Start connecting the non-blocking TCP socket `sock`, within `timeout` s.
+
+    `on_done(error)` runs once it is over: None when connected, else an
+    OSError or asyncio.TimeoutError. One writer registration and one timer,
+    no task or future. Returns a function that abandons the connect
+    (`on_done` is then not called), or None when it ended at once (`on_done`
+    has run). `sock` is never closed here.
+    """
+    error = sock.connect_ex(address)
+    if error in (0, errno.EISCONN):
+        on_done(None)
+        return None
+    if error not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+        on_done(OSError(error, os.strerror(error)))
+        return None
+    fd = sock.fileno()
+
+    def abandon() -> None:
+        loop.remove_writer(fd)
+        timer.cancel()
+
+    def writable() -> None:
+        abandon()
+        try:
+            failed = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            failed = e.errno or errno.EIO
+        on_done(OSError(failed, os.strerror(failed)) if failed else None)
+
+    def timed_out() -> None:
+        loop.remove_writer(fd)
+        on_done(asyncio.TimeoutError())
+
+    loop.add_writer(fd, writable)
+    timer = loop.call_later(timeout, timed_out)
+    return abandon
+
+
 async def _connect_tcp(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any, deadline: float
 ) -> None:
     """Connect the non-blocking TCP socket `sock` by the loop time `deadline`.
 
-    What ``asyncio.wait_for(loop.sock_connect(...))`` does, without the task
-    and the wrapper futures it costs on each new connection: one writer
-    registration and one timer. Raises OSError or asyncio.TimeoutError.
+    `_start_connect` awaited: what ``asyncio.wait_for(loop.sock_connect(...))``
+    does without its task and wrapper futures. Raises OSError or
+    asyncio.TimeoutError.
     """
-    error = sock.connect_ex(address)
-    if error in (0, errno.EISCONN):
-        return
-    if error not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
-        raise OSError(error, os.strerror(error))
-    connected: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _resolve_pending, connected, None)
-    timer = loop.call_at(deadline, _resolve_pending, connected, asyncio.TimeoutError())
+    over: asyncio.Future[BaseException | None] = loop.create_future()
+    abandon = _start_connect(loop, sock, address, deadline - loop.time(), over.set_result)
     try:
-        await connected
-    finally:
-        loop.remove_writer(fd)
-        timer.cancel()
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        raise OSError(error, os.strerror(error))
-
-
-def _resolve_pending(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if not future.done():
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
+        error = await over
+    except BaseException:
+        if abandon is not None and (over.cancelled() or not over.done()):
+            abandon()  # still connecting (a cancel cancels `over` too)
+        raise
+    if error is not None:
+        raise error
