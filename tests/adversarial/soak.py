@@ -326,8 +326,13 @@ def quiet_point(server: Server, start: float, name: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while (sample := server.sample())["active"] > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(5)  # a measurement settle window, not a wait for a condition
-    sample = server.sample()
+    # Then until the allocator has settled: two readings 0.5 s apart agree.
+    settle_deadline = time.monotonic() + 10
+    previous = None
+    while sample["rss"] != previous and time.monotonic() < settle_deadline:
+        previous = sample["rss"]
+        time.sleep(0.5)
+        sample = server.sample()
     print(line(time.monotonic() - start, sample, name) + f" objects {sample['python_objects']}")
     return sample
 
