@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from securetcp._openssl import enlarge_read_buffer, libssl, prepare_connection
+from securetcp._poller import release_poller
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.tls.sni import (
@@ -167,37 +168,41 @@ class SSLIOStream(IOStream):
             on_close=on_close,
             half_close=half_close,
         )
-        self._write_held = True  # until the handshake completes
-        self._ssl_object: ssl.SSLObject | None = None
-        setattr(self, SERVER_NAME_ATTRIBUTE, None)
-        setattr(self, REFUSED_ATTRIBUTE, False)
-        if server_context is not None:
-            if isinstance(sock, ssl.SSLSocket):
-                raise TypeError("server_context needs a plain socket, not an SSLSocket")
-            # The SNI callback is shown the connection's owner: securetcp's
-            # own callbacks get this stream (to record the name on it); any
-            # other gets an ssl.SSLObject, as the stdlib promises ("an
-            # SSLContext is used as given"). Without a callback, no owner
-            # (its weak reference costs ~80 bytes).
-            callback = server_context.sni_callback
-            owner: Any = None
-            if callback is not None:
-                owner = self if is_securetcp_callback(callback) else _bare_ssl_object()
-            self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
-                sock, True, None, owner=owner, session=None
-            )
-            if owner is not None and owner is not self:
-                owner._sslobj = self._tls_conn
-                self._ssl_object = owner  # the owner is held weakly by OpenSSL's object
-        elif isinstance(sock, ssl.SSLSocket):
-            # CPython keeps OpenSSL's connection object in _sslobj; another
-            # implementation's SSLSocket offers the same calls itself.
-            self._tls_conn = getattr(sock, "_sslobj", None) or sock
-        else:
-            raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
-        # Read-ahead from the start, in OpenSSL's default buffer until the
-        # handshake is done (see _openssl.prepare_connection).
-        self._tls_ptr = prepare_connection(self._tls_conn)
+        try:
+            self._write_held = True  # until the handshake completes
+            self._ssl_object: ssl.SSLObject | None = None
+            setattr(self, SERVER_NAME_ATTRIBUTE, None)
+            setattr(self, REFUSED_ATTRIBUTE, False)
+            if server_context is not None:
+                if isinstance(sock, ssl.SSLSocket):
+                    raise TypeError("server_context needs a plain socket, not an SSLSocket")
+                # The SNI callback is shown the connection's owner: securetcp's
+                # own callbacks get this stream (to record the name on it); any
+                # other gets an ssl.SSLObject, as the stdlib promises ("an
+                # SSLContext is used as given"). Without a callback, no owner
+                # (its weak reference costs ~80 bytes).
+                callback = server_context.sni_callback
+                owner: Any = None
+                if callback is not None:
+                    owner = self if is_securetcp_callback(callback) else _bare_ssl_object()
+                self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
+                    sock, True, None, owner=owner, session=None
+                )
+                if owner is not None and owner is not self:
+                    owner._sslobj = self._tls_conn
+                    self._ssl_object = owner  # the owner is held weakly by OpenSSL's object
+            elif isinstance(sock, ssl.SSLSocket):
+                # CPython keeps OpenSSL's connection object in _sslobj; another
+                # implementation's SSLSocket offers the same calls itself.
+                self._tls_conn = getattr(sock, "_sslobj", None) or sock
+            else:
+                raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
+            # Read-ahead from the start, in OpenSSL's default buffer until the
+            # handshake is done (see _openssl.prepare_connection).
+            self._tls_ptr = prepare_connection(self._tls_conn)
+        except BaseException:
+            release_poller(self._io)  # never to be closed: give back what IOStream took
+            raise
         # OpenSSL's connection object once the handshake is done: reads and
         # writes then go to it directly, past ssl.py's wrappers.
         self._tls: Any = None
@@ -262,20 +267,20 @@ class SSLIOStream(IOStream):
         except ssl.SSLWantReadError:
             if self._writing:
                 self._writing = False
-                self._loop.remove_writer(self._fd)
+                self._io.remove_writer(self._fd)
             if not self._reading:
                 # The reader registered for the handshake stays for the
                 # data: _handle_read steps the handshake until it is done.
                 self._reading = True
-                self._loop.add_reader(self._fd, self._handle_read)
+                self._io.add_reader(self._fd, self._handle_read)
             return
         except ssl.SSLWantWriteError:
             if self._reading:
                 self._reading = False
-                self._loop.remove_reader(self._fd)
+                self._io.remove_reader(self._fd)
             if not self._writing:
                 self._writing = True
-                self._loop.add_writer(self._fd, self._step_handshake)
+                self._io.add_writer(self._fd, self._step_handshake)
             return
         except (ssl.SSLError, OSError, ValueError) as e:
             # ValueError: the socket was closed under us.
@@ -297,10 +302,10 @@ class SSLIOStream(IOStream):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        loop = self._loop
+        io = self._io
         if self._writing:
             self._writing = False
-            loop.remove_writer(self._fd)
+            io.remove_writer(self._fd)
         if error is None:
             self._handshake_done = True
             self._write_held = False
@@ -324,7 +329,7 @@ class SSLIOStream(IOStream):
             # Resume I/O that was requested while the handshake ran.
             if self._wqueue and not self._writing:
                 self._writing = True
-                loop.add_writer(self._fd, self._on_writable)
+                io.add_writer(self._fd, self._on_writable)
             if self._rbuf and self._read_future is not None and self._satisfy_read():
                 return
             if self._read_future is not None or self._input_buffered():

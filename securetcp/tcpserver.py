@@ -37,6 +37,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from securetcp._logging import RateLimitedLog, format_address
+from securetcp._poller import Poller, acquire_poller, release_poller
 from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
 from securetcp.iostream import IOStream, StreamBufferFullError
 from securetcp.netutil import add_accept_handler, bind_sockets
@@ -165,6 +166,8 @@ class TCPServer:
         self._accept_removers: dict[int, Callable[[], None]] = {}
         self._pending_sockets: list[socket.socket] = []  # from bind(), for start()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Held while serving, so that the streams' poller outlives each one.
+        self._poller: Poller | None = None
         self._accepting = False  # handlers installed (not paused, not stopped)
         self._stopped = False
         # Open streams, each with the relay serving it when handle_stream returned one.
@@ -284,6 +287,9 @@ class TCPServer:
             sock.close()
         self._sockets.clear()
         self._pending_sockets.clear()
+        if self._poller is not None:
+            release_poller(self._poller)
+            self._poller = None
 
     # --------------------------------------------------------------- loop
 
@@ -297,6 +303,8 @@ class TCPServer:
             if self._tls is not None:
                 self._tls.start_reloading()
         if not self._stopped:
+            if self._poller is None:
+                self._poller = acquire_poller(loop)
             self._resume_accepting()
 
     async def serve_forever(self) -> None:
