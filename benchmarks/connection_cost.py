@@ -9,6 +9,7 @@ checkout under test)::
 
     .venv-bench/bin/python -m benchmarks.connection_cost --servers securetcp,uvloop,c-openssl
     .venv-bench/bin/python -m benchmarks.connection_cost --servers securetcp --callgrind
+    .venv-bench/bin/python -m benchmarks.connection_cost --proxy --servers securetcp --callgrind
 
 CPU mode: rounds of ``--seconds`` with every server in turn (interleaved, so a
 slow phase of this shared machine hits all of them), the server pinned to
@@ -18,6 +19,9 @@ between rounds: trust differences larger than the printed spread only.
 Callgrind mode (valgrind installed): ``--connections`` sequential
 connections after a warm-up, instrumentation on only for them; counts are
 exact and repeatable, the tool for changes of a few percent.
+``--proxy``: the same for the terminating TLS proxies of ``scripts/bench
+--proxy`` (``--servers securetcp,stunnel,...``), in front of the bench's
+plain C echo (pinned to ``--client-cpu``; its cost is not counted).
 ``--python-objects``: securetcp's echo service in this process (``--loop``
 asyncio or uvloop) and ``--connections`` idle TLS connections from a child
 process; prints the bytes of Python objects each holds (tracemalloc), by line.
@@ -26,6 +30,7 @@ process; prints the bytes of Python objects each holds (tracemalloc), by line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -39,6 +44,7 @@ import tracemalloc
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from benchmarks import proxies
 from benchmarks.certs import client_context, connect_tls, echo_once, make_tls_files
 from benchmarks.procs import CLK_TCK, ServerProcess, descendants
 from benchmarks.targets import SERVERS, ServerSpec, free_port
@@ -222,15 +228,27 @@ def main() -> None:
     parser.add_argument("--python-objects", action="store_true", help="tracemalloc, in process")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--connections", type=int, default=150)
+    parser.add_argument("--proxy", action="store_true", help="terminating TLS proxies instead")
     args = parser.parse_args()
     if args.python_objects:
         with tempfile.TemporaryDirectory(prefix="securetcp-cost-") as tmp:
             python_objects(Path(tmp), args.key, args.connections, args.loop)
         return
-    by_family = {spec.family: spec for spec in SERVERS}
-    wanted = [by_family[name.strip()] for name in args.servers.split(",") if name.strip()]
-    with tempfile.TemporaryDirectory(prefix="securetcp-cost-") as tmp:
-        tls_dir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        tls_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="securetcp-cost-")))
+        servers = SERVERS
+        if args.proxy:
+            # Only the plain upstream is used: each measurement makes its own
+            # certificates, which a re-originating proxy's CA would not match.
+            upstream_dir = tls_dir / "upstream"
+            upstream_dir.mkdir()
+            upstream_tls = make_tls_files(upstream_dir)["ecdsa"]
+            plain_port, tls_port = stack.enter_context(
+                proxies.upstreams(upstream_tls, tls_dir, {args.client_cpu}, READY_TIMEOUT)
+            )
+            servers = proxies.specs(plain_port, tls_port, upstream_tls.cafile)[0]
+        by_family = {spec.family: spec for spec in servers}
+        wanted = [by_family[name.strip()] for name in args.servers.split(",") if name.strip()]
         if args.callgrind:
             for spec in wanted:
                 per = measure_instructions(spec, tls_dir, args.key, args.connections)
