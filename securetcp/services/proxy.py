@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 from securetcp._logging import RateLimitedLog, format_address
+from securetcp._poller import acquire_poller, release_poller
 from securetcp.certs import PeerIdentity
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
 from securetcp.relay import PeerBrokeError, Relay, abort, broke
@@ -572,8 +573,13 @@ class _ProxiedConnection:
         if self.ended == 2:
             for timer in self.timers:
                 timer.cancel()
-            assert self.upstream is not None
-            self.proxy._finish(self.client, self.upstream, self.address)
+            upstream = self.upstream
+            assert upstream is not None
+            # _finish closes both sides: their close callbacks would only
+            # find the other side closed too (two loop callbacks for nothing).
+            self.client.set_close_callback(None)
+            upstream.set_close_callback(None)
+            self.proxy._finish(self.client, upstream, self.address)
             self._resolve()
 
     def _resolve(self) -> None:
@@ -624,9 +630,18 @@ def _start_connect(
         on_done(OSError(error, os.strerror(error)))
         return None
     fd = sock.fileno()
+    io = acquire_poller(loop)  # the streams' epoll set: no loop registration
+    watching = True
+
+    def stop_watching() -> None:
+        nonlocal watching
+        if watching:  # once: a second release would close it under other streams
+            watching = False
+            io.remove_writer(fd)
+            release_poller(io)
 
     def abandon() -> None:
-        loop.remove_writer(fd)
+        stop_watching()
         timer.cancel()
 
     def writable() -> None:
@@ -638,10 +653,14 @@ def _start_connect(
         on_done(OSError(failed, os.strerror(failed)) if failed else None)
 
     def timed_out() -> None:
-        loop.remove_writer(fd)
+        stop_watching()
         on_done(asyncio.TimeoutError())
 
-    loop.add_writer(fd, writable)
+    try:
+        io.add_writer(fd, writable)
+    except BaseException:
+        release_poller(io)
+        raise
     timer = loop.call_later(timeout, timed_out)
     return abandon
 
