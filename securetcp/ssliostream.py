@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 from securetcp._openssl import enlarge_read_buffer, libssl, prepare_connection
-from securetcp._poller import release_poller
 from securetcp.certs import PeerIdentity, peer_identity_from_der
 from securetcp.iostream import IOStream, StreamClosedError
 from securetcp.tls.sni import (
@@ -160,6 +159,38 @@ class SSLIOStream(IOStream):
         on_close: Callable[[IOStream], None] | None = None,
         half_close: bool = False,
     ) -> None:
+        # TLS first: IOStream.__init__ takes the poller as its last step, so
+        # nothing that can fail runs after it (a failed wrap holds nothing).
+        self._ssl_object: ssl.SSLObject | None = None
+        setattr(self, SERVER_NAME_ATTRIBUTE, None)
+        setattr(self, REFUSED_ATTRIBUTE, False)
+        if server_context is not None:
+            if isinstance(sock, ssl.SSLSocket):
+                raise TypeError("server_context needs a plain socket, not an SSLSocket")
+            # The SNI callback is shown the connection's owner: securetcp's
+            # own callbacks get this stream (to record the name on it); any
+            # other gets an ssl.SSLObject, as the stdlib promises ("an
+            # SSLContext is used as given"). Without a callback, no owner
+            # (its weak reference costs ~80 bytes).
+            callback = server_context.sni_callback
+            owner: Any = None
+            if callback is not None:
+                owner = self if is_securetcp_callback(callback) else _bare_ssl_object()
+            self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
+                sock, True, None, owner=owner, session=None
+            )
+            if owner is not None and owner is not self:
+                owner._sslobj = self._tls_conn
+                self._ssl_object = owner  # the owner is held weakly by OpenSSL's object
+        elif isinstance(sock, ssl.SSLSocket):
+            # CPython keeps OpenSSL's connection object in _sslobj; another
+            # implementation's SSLSocket offers the same calls itself.
+            self._tls_conn = getattr(sock, "_sslobj", None) or sock
+        else:
+            raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
+        # Read-ahead from the start, in OpenSSL's default buffer until the
+        # handshake is done (see _openssl.prepare_connection).
+        self._tls_ptr = prepare_connection(self._tls_conn)
         super().__init__(
             sock,
             max_buffer_size=max_buffer_size,
@@ -168,41 +199,7 @@ class SSLIOStream(IOStream):
             on_close=on_close,
             half_close=half_close,
         )
-        try:
-            self._write_held = True  # until the handshake completes
-            self._ssl_object: ssl.SSLObject | None = None
-            setattr(self, SERVER_NAME_ATTRIBUTE, None)
-            setattr(self, REFUSED_ATTRIBUTE, False)
-            if server_context is not None:
-                if isinstance(sock, ssl.SSLSocket):
-                    raise TypeError("server_context needs a plain socket, not an SSLSocket")
-                # The SNI callback is shown the connection's owner: securetcp's
-                # own callbacks get this stream (to record the name on it); any
-                # other gets an ssl.SSLObject, as the stdlib promises ("an
-                # SSLContext is used as given"). Without a callback, no owner
-                # (its weak reference costs ~80 bytes).
-                callback = server_context.sni_callback
-                owner: Any = None
-                if callback is not None:
-                    owner = self if is_securetcp_callback(callback) else _bare_ssl_object()
-                self._tls_conn: Any = server_context._wrap_socket(  # type: ignore[attr-defined]
-                    sock, True, None, owner=owner, session=None
-                )
-                if owner is not None and owner is not self:
-                    owner._sslobj = self._tls_conn
-                    self._ssl_object = owner  # the owner is held weakly by OpenSSL's object
-            elif isinstance(sock, ssl.SSLSocket):
-                # CPython keeps OpenSSL's connection object in _sslobj; another
-                # implementation's SSLSocket offers the same calls itself.
-                self._tls_conn = getattr(sock, "_sslobj", None) or sock
-            else:
-                raise TypeError("SSLIOStream needs an ssl.SSLSocket or a server_context")
-            # Read-ahead from the start, in OpenSSL's default buffer until the
-            # handshake is done (see _openssl.prepare_connection).
-            self._tls_ptr = prepare_connection(self._tls_conn)
-        except BaseException:
-            release_poller(self._io)  # never to be closed: give back what IOStream took
-            raise
+        self._write_held = True  # until the handshake completes
         # OpenSSL's connection object once the handshake is done: reads and
         # writes then go to it directly, past ssl.py's wrappers.
         self._tls: Any = None
