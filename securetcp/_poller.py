@@ -49,6 +49,8 @@ _OUT = getattr(select, "EPOLLOUT", 0x004)
 _WAKES_READER = ~_OUT
 _WAKES_WRITER = ~_IN
 
+_Callbacks = dict[int, Callable[[], object]]  # descriptor -> reader (or writer)
+
 
 class Poller(Protocol):
     """The part of an asyncio loop's readiness API the streams use."""
@@ -85,8 +87,8 @@ class EpollPoller:
         # its loop, which a strong reference would keep alive forever.
         self._loop_ref = weakref.ref(loop)
         self._epoll = select.epoll()
-        self._readers: dict[int, Callable[[], object]] = {}
-        self._writers: dict[int, Callable[[], object]] = {}
+        self._readers: _Callbacks = {}
+        self._writers: _Callbacks = {}
         self._masks: dict[int, int] = {}
         self._dispatching = False
         self._dropped: set[int] = set()
@@ -97,27 +99,19 @@ class EpollPoller:
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         """Call `callback()` whenever `fd` is readable (replacing any reader)."""
-        self._readers[fd] = callback
-        self._update(fd, self._masks.get(fd, 0) | _IN)
+        self._add(self._readers, _IN, fd, callback)
 
     def remove_reader(self, fd: int) -> bool:
         """Stop watching `fd` for reading; whether it was watched."""
-        if self._readers.pop(fd, None) is None:
-            return False
-        self._update(fd, self._masks.get(fd, 0) & ~_IN)
-        return True
+        return self._remove(self._readers, _IN, fd)
 
     def add_writer(self, fd: int, callback: Callable[[], object]) -> None:
         """Call `callback()` whenever `fd` is writable (replacing any writer)."""
-        self._writers[fd] = callback
-        self._update(fd, self._masks.get(fd, 0) | _OUT)
+        self._add(self._writers, _OUT, fd, callback)
 
     def remove_writer(self, fd: int) -> bool:
         """Stop watching `fd` for writing; whether it was watched."""
-        if self._writers.pop(fd, None) is None:
-            return False
-        self._update(fd, self._masks.get(fd, 0) & ~_OUT)
-        return True
+        return self._remove(self._writers, _OUT, fd)
 
     def close(self) -> None:
         """Drop every registration and the epoll set (the loop's reader too)."""
@@ -139,6 +133,18 @@ class EpollPoller:
         loop = self._loop_ref()
         if loop is not None and _pollers.get(loop) is self:
             del _pollers[loop]
+
+    def _add(
+        self, callbacks: _Callbacks, bit: int, fd: int, callback: Callable[[], object]
+    ) -> None:
+        callbacks[fd] = callback
+        self._update(fd, self._masks.get(fd, 0) | bit)
+
+    def _remove(self, callbacks: _Callbacks, bit: int, fd: int) -> bool:
+        if callbacks.pop(fd, None) is None:
+            return False
+        self._update(fd, self._masks.get(fd, 0) & ~bit)
+        return True
 
     def _update(self, fd: int, mask: int) -> None:
         masks = self._masks
@@ -182,33 +188,28 @@ class EpollPoller:
             for fd, event in events:
                 if event & _WAKES_READER:
                     callback = readers.get(fd)
-                    if callback is not None and not (dropped and fd in dropped):
-                        try:
-                            callback()
-                        except (SystemExit, KeyboardInterrupt):
-                            raise
-                        except BaseException as exc:
-                            self._report(callback, exc)
+                    if callback is not None and fd not in dropped:
+                        self._run(callback)
                 if event & _WAKES_WRITER:
                     callback = writers.get(fd)
-                    if callback is not None and not (dropped and fd in dropped):
-                        try:
-                            callback()
-                        except (SystemExit, KeyboardInterrupt):
-                            raise
-                        except BaseException as exc:
-                            self._report(callback, exc)
+                    if callback is not None and fd not in dropped:
+                        self._run(callback)
         finally:
             self._dispatching = False
             if dropped:
                 dropped.clear()
 
-    def _report(self, callback: Callable[[], object], exc: BaseException) -> None:
-        loop = self._loop_ref()
-        if loop is not None:
-            loop.call_exception_handler(
-                {"message": f"Exception in callback {callback!r}", "exception": exc}
-            )
+    def _run(self, callback: Callable[[], object]) -> None:
+        try:
+            callback()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            loop = self._loop_ref()
+            if loop is not None:
+                loop.call_exception_handler(
+                    {"message": f"Exception in callback {callback!r}", "exception": exc}
+                )
 
 
 _pollers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EpollPoller] = (
@@ -220,10 +221,10 @@ def acquire_poller(loop: asyncio.AbstractEventLoop) -> Poller:
     """The poller of `loop`, held by the caller until `release_poller`.
 
     Made on first use; the last release closes it (its epoll set and the
-    loop's reader), so a loop whose streams are all closed holds no extra
-    descriptor, whenever the loop itself is garbage-collected. A stream
-    holds it from construction to close, a listening server while it
-    accepts: a busy or listening server never re-creates it.
+    loop's reader), so once a loop's streams are all closed no descriptor
+    is left, however long the loop itself lives. A stream holds it from
+    construction to close, a listening server while it accepts: a busy or
+    listening server never re-creates it.
     """
     if not _HAS_EPOLL:
         return loop
