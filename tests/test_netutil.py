@@ -563,9 +563,11 @@ def test_remove_cancels_back_off(pending: socket.socket) -> None:
         await until(lambda: len(flaky.calls) >= 2, timeout=10, message="a retry after a pause")
         remove()
         calls = len(flaky.calls)
-        # Nothing to wait for: the scenario is 0.3 s, longer than the pending
-        # back-off, in which a timer that survived remove() would accept again.
-        await asyncio.sleep(0.3)
+        # A barrier in loop time, not a wait for something to happen: pauses
+        # are at most 1 s (add_accept_handler's docstring) and timers fire in
+        # deadline order, so any back-off timer that survived remove() fires
+        # (and accepts again) before this sleep returns.
+        await asyncio.sleep(1.05)
         assert len(flaky.calls) == calls
         assert not loop.remove_reader(pending.fileno())
 

@@ -15,12 +15,12 @@ import socket
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
 
-from securetcp._poller import EpollPoller, acquire_poller, release_poller
+from securetcp._poller import EpollPoller, Poller, acquire_poller, release_poller
 
 pytestmark = pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll only")
 
@@ -34,36 +34,73 @@ else:
 
 
 @pytest.fixture(params=LOOPS)
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Coroutine[Any, Any, None]], None]]:
-    """Run a coroutine to completion on a fresh loop of the kind asked for."""
-    loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
-
-    def run_bounded(coro: Coroutine[Any, Any, None]) -> None:
-        loop.run_until_complete(asyncio.wait_for(coro, 10))
-
+def loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A fresh loop of the kind asked for, closed afterwards."""
+    fresh = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
     try:
-        yield run_bounded
+        yield fresh
     finally:
-        loop.close()
+        fresh.close()
 
 
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    return a, b
+def run(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` to completion on `loop`, bounded in time."""
+    loop.run_until_complete(asyncio.wait_for(coro, 10))
 
 
-async def _turns(n: int = 5) -> None:
-    """Let the loop run `n` iterations (events that are due get dispatched)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+class Rig:
+    """The running loop's poller, held for one test, and the sockets it made."""
+
+    def __init__(self, poller: Poller) -> None:
+        self.poller = poller
+        self.sockets: list[socket.socket] = []
+
+    def pair(self) -> tuple[socket.socket, socket.socket]:
+        """A connected pair of non-blocking sockets, closed after the test."""
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        self.sockets += [a, b]
+        return a, b
+
+    def adopt(self, sock: socket.socket) -> socket.socket:
+        """Close `sock` after the test too."""
+        self.sockets.append(sock)
+        return sock
+
+    async def dispatched(self) -> None:
+        """Return after a dispatch that began after this call.
+
+        One poll reports every ready descriptor, so by then each registered
+        one that was ready has had its callback: what has not happened yet
+        will not happen for what came before (no fixed wait).
+        """
+        a, b = self.pair()
+        seen = asyncio.Event()
+        self.poller.add_reader(a.fileno(), seen.set)
+        b.send(b"!")
+        await seen.wait()
+        self.poller.remove_reader(a.fileno())
 
 
-def test_reader_is_called_while_readable_and_not_after_removal(run: Any) -> None:
+def with_rig(loop: asyncio.AbstractEventLoop, test: Callable[[Rig], Awaitable[None]]) -> None:
+    """Run `test(rig)` on `loop`; then close its sockets and give the poller back."""
+
     async def main() -> None:
-        poller = acquire_poller(asyncio.get_running_loop())
-        a, b = _pair()
+        rig = Rig(acquire_poller(asyncio.get_running_loop()))
+        try:
+            await test(rig)
+        finally:
+            for sock in rig.sockets:
+                sock.close()
+            release_poller(rig.poller)
+
+    run(loop, main())
+
+
+def test_reader_is_called_while_readable_and_not_after_removal(loop: Any) -> None:
+    async def test(rig: Rig) -> None:
+        a, b = rig.pair()
         calls: list[bytes] = []
         woke = asyncio.Event()
 
@@ -71,30 +108,24 @@ def test_reader_is_called_while_readable_and_not_after_removal(run: Any) -> None
             calls.append(a.recv(100))
             woke.set()
 
-        try:
-            poller.add_reader(a.fileno(), on_readable)
-            await _turns()
-            assert calls == []  # nothing to read yet
-            b.send(b"hello")
-            await woke.wait()
-            assert calls == [b"hello"]
-            assert poller.remove_reader(a.fileno()) is True
-            assert poller.remove_reader(a.fileno()) is False
-            b.send(b"more")
-            await _turns()
-            assert calls == [b"hello"]
-        finally:
-            a.close()
-            b.close()
-            release_poller(poller)
+        rig.poller.add_reader(a.fileno(), on_readable)
+        await rig.dispatched()
+        assert calls == []  # nothing to read yet
+        b.send(b"hello")
+        await woke.wait()
+        assert calls == [b"hello"]
+        assert rig.poller.remove_reader(a.fileno()) is True
+        assert rig.poller.remove_reader(a.fileno()) is False
+        b.send(b"more")
+        await rig.dispatched()
+        assert calls == [b"hello"]
 
-    run(main())
+    with_rig(loop, test)
 
 
-def test_adding_a_reader_again_replaces_the_callback(run: Any) -> None:
-    async def main() -> None:
-        poller = acquire_poller(asyncio.get_running_loop())
-        a, b = _pair()
+def test_adding_a_reader_again_replaces_the_callback(loop: Any) -> None:
+    async def test(rig: Rig) -> None:
+        a, b = rig.pair()
         seen: list[str] = []
         woke = asyncio.Event()
 
@@ -106,25 +137,18 @@ def test_adding_a_reader_again_replaces_the_callback(run: Any) -> None:
             a.recv(100)
             woke.set()
 
-        try:
-            poller.add_reader(a.fileno(), first)
-            poller.add_reader(a.fileno(), second)
-            b.send(b"x")
-            await woke.wait()
-            assert seen == ["second"]
-        finally:
-            poller.remove_reader(a.fileno())
-            a.close()
-            b.close()
-            release_poller(poller)
+        rig.poller.add_reader(a.fileno(), first)
+        rig.poller.add_reader(a.fileno(), second)
+        b.send(b"x")
+        await woke.wait()
+        assert seen == ["second"]
 
-    run(main())
+    with_rig(loop, test)
 
 
-def test_reader_and_writer_on_one_descriptor_are_independent(run: Any) -> None:
-    async def main() -> None:
-        poller = acquire_poller(asyncio.get_running_loop())
-        a, b = _pair()
+def test_reader_and_writer_on_one_descriptor_are_independent(loop: Any) -> None:
+    async def test(rig: Rig) -> None:
+        a, b = rig.pair()
         writable = asyncio.Event()
         readable = asyncio.Event()
         reads: list[bytes] = []
@@ -133,48 +157,35 @@ def test_reader_and_writer_on_one_descriptor_are_independent(run: Any) -> None:
             reads.append(a.recv(100))
             readable.set()
 
-        try:
-            poller.add_reader(a.fileno(), on_readable)
-            poller.add_writer(a.fileno(), writable.set)
-            await writable.wait()  # an empty send buffer is writable
-            assert poller.remove_writer(a.fileno()) is True
-            assert poller.remove_writer(a.fileno()) is False
-            b.send(b"still reading")
-            await readable.wait()
-            assert reads == [b"still reading"]
-        finally:
-            poller.remove_reader(a.fileno())
-            a.close()
-            b.close()
-            release_poller(poller)
+        rig.poller.add_reader(a.fileno(), on_readable)
+        rig.poller.add_writer(a.fileno(), writable.set)
+        await writable.wait()  # an empty send buffer is writable
+        assert rig.poller.remove_writer(a.fileno()) is True
+        assert rig.poller.remove_writer(a.fileno()) is False
+        b.send(b"still reading")
+        await readable.wait()
+        assert reads == [b"still reading"]
 
-    run(main())
+    with_rig(loop, test)
 
 
-def test_a_hang_up_wakes_a_writer_that_waits_for_room(run: Any) -> None:
-    async def main() -> None:
-        poller = acquire_poller(asyncio.get_running_loop())
-        a, b = _pair()
+def test_a_hang_up_wakes_a_writer_that_waits_for_room(loop: Any) -> None:
+    async def test(rig: Rig) -> None:
+        a, b = rig.pair()
         woke = asyncio.Event()
-        try:
-            with pytest.raises(BlockingIOError):
-                while True:  # fill every buffer: a is no longer writable
-                    a.send(b"x" * 65536)
-            poller.add_writer(a.fileno(), woke.set)
-            await _turns()
-            assert not woke.is_set()
-            b.close()  # the peer goes away: an error / hang-up on a
-            await woke.wait()
-        finally:
-            poller.remove_writer(a.fileno())
-            a.close()
-            b.close()
-            release_poller(poller)
+        with pytest.raises(BlockingIOError):
+            while True:  # fill every buffer: a is no longer writable
+                a.send(b"x" * 65536)
+        rig.poller.add_writer(a.fileno(), woke.set)
+        await rig.dispatched()
+        assert not woke.is_set()
+        b.close()  # the peer goes away: an error / hang-up on a
+        await woke.wait()
 
-    run(main())
+    with_rig(loop, test)
 
 
-def test_a_descriptor_dropped_in_a_batch_gets_no_stale_event(run: Any) -> None:
+def test_a_descriptor_dropped_in_a_batch_gets_no_stale_event(loop: Any) -> None:
     """A socket closed by another's callback, its number reused at once.
 
     Both sockets are readable in the same batch of events; whichever callback
@@ -183,12 +194,10 @@ def test_a_descriptor_dropped_in_a_batch_gets_no_stale_event(run: Any) -> None:
     reach the new socket's callback.
     """
 
-    async def main() -> None:
-        poller = acquire_poller(asyncio.get_running_loop())
-        (a, a_peer), (b, b_peer) = _pair(), _pair()
+    async def test(rig: Rig) -> None:
+        (a, a_peer), (b, b_peer) = rig.pair(), rig.pair()
         sockets = {"a": a, "b": b}
         calls: list[str] = []
-        replacements: list[socket.socket] = []
         done = asyncio.Event()
 
         def make_callback(name: str, other: str) -> Callable[[], None]:
@@ -199,45 +208,35 @@ def test_a_descriptor_dropped_in_a_batch_gets_no_stale_event(run: Any) -> None:
                     return
                 victim = sockets.pop(other)
                 fd = victim.fileno()
-                poller.remove_reader(fd)
+                rig.poller.remove_reader(fd)
                 victim.close()
-                fresh, fresh_peer = _pair()
+                fresh, _ = rig.pair()
                 if fresh.fileno() != fd:  # give the new socket the old number
                     os.dup2(fresh.fileno(), fd)
-                    fresh.close()
-                    fresh = socket.socket(fileno=fd)
-                replacements.extend([fresh, fresh_peer])
-                poller.add_reader(fd, lambda: calls.append("stale"))
+                    rig.adopt(socket.socket(fileno=fd))
+                rig.poller.add_reader(fd, lambda: calls.append("stale"))
                 done.set()
 
             return callback
 
-        try:
-            poller.add_reader(a.fileno(), make_callback("a", "b"))
-            poller.add_reader(b.fileno(), make_callback("b", "a"))
-            a_peer.send(b"1")
-            b_peer.send(b"2")
-            await done.wait()
-            await _turns()
-            assert len(calls) == 1, calls
-        finally:
-            for sock in [*sockets.values(), *replacements]:
-                poller.remove_reader(sock.fileno())
-                sock.close()
-            a_peer.close()
-            b_peer.close()
-            release_poller(poller)
+        rig.poller.add_reader(a.fileno(), make_callback("a", "b"))
+        rig.poller.add_reader(b.fileno(), make_callback("b", "a"))
+        a_peer.send(b"1")
+        b_peer.send(b"2")
+        await done.wait()
+        await rig.dispatched()
+        assert len(calls) == 1, calls
 
-    run(main())
+    with_rig(loop, test)
 
 
-def test_an_exception_in_a_callback_goes_to_the_loop_and_others_still_run(run: Any) -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
+def test_an_exception_in_a_callback_goes_to_the_loop_and_others_still_run(loop: Any) -> None:
+    async def test(rig: Rig) -> None:
         reported: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _loop, context: reported.append(context))
-        poller = acquire_poller(loop)
-        (a, a_peer), (b, b_peer) = _pair(), _pair()
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _loop, context: reported.append(context)
+        )
+        (a, a_peer), (b, b_peer) = rig.pair(), rig.pair()
         b_woke = asyncio.Event()
 
         def broken() -> None:
@@ -248,28 +247,20 @@ def test_an_exception_in_a_callback_goes_to_the_loop_and_others_still_run(run: A
             b.recv(100)
             b_woke.set()
 
-        try:
-            poller.add_reader(a.fileno(), broken)
-            poller.add_reader(b.fileno(), fine)
-            a_peer.send(b"1")
-            b_peer.send(b"2")
-            await b_woke.wait()
-            await _turns()
-            assert [type(c["exception"]) for c in reported] == [RuntimeError]
-            assert "broken" in reported[0]["message"]
-            # The poller keeps dispatching after the exception.
-            b_woke.clear()
-            b_peer.send(b"3")
-            await b_woke.wait()
-        finally:
-            for sock in (a, b):
-                poller.remove_reader(sock.fileno())
-                sock.close()
-            a_peer.close()
-            b_peer.close()
-            release_poller(poller)
+        rig.poller.add_reader(a.fileno(), broken)
+        rig.poller.add_reader(b.fileno(), fine)
+        a_peer.send(b"1")
+        b_peer.send(b"2")
+        await b_woke.wait()
+        await rig.dispatched()
+        assert [type(c["exception"]) for c in reported] == [RuntimeError]
+        assert "broken" in reported[0]["message"]
+        # The poller keeps dispatching after the exception.
+        b_woke.clear()
+        b_peer.send(b"3")
+        await b_woke.wait()
 
-    run(main())
+    with_rig(loop, test)
 
 
 def test_one_poller_per_loop_until_the_last_release() -> None:
@@ -293,13 +284,13 @@ def test_one_poller_per_loop_until_the_last_release() -> None:
         second.close()
 
 
-def test_the_last_release_closes_the_epoll_set(run: Any) -> None:
+def test_the_last_release_closes_the_epoll_set(loop: Any) -> None:
     """No descriptor is left once every holder gave the poller back."""
 
     async def main() -> None:
         before = set(os.listdir("/proc/self/fd"))
         poller = acquire_poller(asyncio.get_running_loop())
-        a, b = _pair()
+        a, b = socket.socketpair()
         try:
             poller.add_reader(a.fileno(), lambda: None)
             poller.remove_reader(a.fileno())
@@ -310,7 +301,7 @@ def test_the_last_release_closes_the_epoll_set(run: Any) -> None:
         release_poller(poller)
         assert set(os.listdir("/proc/self/fd")) == before
 
-    run(main())
+    run(loop, main())
 
 
 def test_a_poller_does_not_keep_its_loop_alive() -> None:
@@ -323,10 +314,10 @@ def test_a_poller_does_not_keep_its_loop_alive() -> None:
     assert alive() is None
 
 
-def test_close_releases_the_epoll_set_and_the_loop_reader(run: Any) -> None:
+def test_close_releases_the_epoll_set_and_the_loop_reader(loop: Any) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        a, b = _pair()
+        a, b = socket.socketpair()
         open_before = set(os.listdir("/proc/self/fd"))
         poller = EpollPoller(loop)
         try:
@@ -340,7 +331,7 @@ def test_close_releases_the_epoll_set_and_the_loop_reader(run: Any) -> None:
             a.close()
             b.close()
 
-    run(main())
+    run(loop, main())
 
 
 FORK_CHECK = """
