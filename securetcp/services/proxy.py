@@ -623,10 +623,16 @@ def _start_connect(
     has run). `sock` is never closed here.
     """
     error = sock.connect_ex(address)
+    if error == errno.EINPROGRESS:
+        # To a nearby upstream (loopback, often the LAN) the TCP handshake is
+        # over by the time connect() returns; asking again says so (0 or
+        # EISCONN, or the refusal) and saves a trip through the loop.
+        # EALREADY: still in progress.
+        error = sock.connect_ex(address)
     if error in (0, errno.EISCONN):
         on_done(None)
         return None
-    if error not in (errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+    if error not in (errno.EALREADY, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
         on_done(OSError(error, os.strerror(error)))
         return None
     fd = sock.fileno()
