@@ -104,6 +104,19 @@ _NOTHING_QUEUED: list[Any] = []
 _scratch = threading.local()
 
 
+def _detached(error: BaseException) -> BaseException:
+    """`error`, raised by one of a stream's own calls, made fit to keep on it.
+
+    Its traceback and context go: their frames are the stream's own and
+    would hold it, with its socket and OpenSSL connection, in a reference
+    cycle, freed only when the cycle collector next runs, which for a
+    long-lived connection can be long after it closed.
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    return error
+
+
 def _completed_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     """A future of `loop` that is already done: what a write that the kernel
     took at once returns, so the common case allocates nothing."""
@@ -505,7 +518,7 @@ class IOStream:
             except BlockingIOError:
                 return
             except OSError as e:
-                self.close(e)
+                self._close_on_error(e)
                 return
             if n == 0:
                 self._on_eof()
@@ -708,7 +721,7 @@ class IOStream:
         except BlockingIOError:
             return 0
         except OSError as e:
-            self.close(e)
+            self._close_on_error(e)
             return -1
         self._bytes_sent += sent
         return sent
@@ -777,7 +790,7 @@ class IOStream:
         try:
             self._send_end_of_stream()
         except OSError as e:
-            self.close(e)
+            self._close_on_error(e)
         if future is not None and not future.done():
             if self._closed and self.error is not None:
                 _fail_quietly(future, StreamClosedError(real_error=self.error))
@@ -831,6 +844,10 @@ class IOStream:
         if callback is not None:
             self._close_callback = None
             self._loop.call_soon(callback)
+
+    def _close_on_error(self, error: BaseException) -> None:
+        """Close because one of the stream's own socket or TLS calls failed."""
+        self.close(_detached(error))
 
     def _close_socket(self, graceful: bool) -> None:
         self._sock.close()

@@ -25,7 +25,7 @@ from typing import Any
 
 from securetcp._openssl import enlarge_read_buffer, libssl, prepare_connection
 from securetcp.certs import PeerIdentity, peer_identity_from_der
-from securetcp.iostream import IOStream, StreamClosedError
+from securetcp.iostream import IOStream, StreamClosedError, _detached
 from securetcp.tls.sni import (
     REFUSED_ATTRIBUTE,
     SERVER_NAME_ATTRIBUTE,
@@ -281,7 +281,7 @@ class SSLIOStream(IOStream):
             return
         except (ssl.SSLError, OSError, ValueError) as e:
             # ValueError: the socket was closed under us.
-            self._finish_handshake(e)
+            self._finish_handshake(_detached(e))
             return
         self._finish_handshake(None)
 
@@ -376,15 +376,16 @@ class SSLIOStream(IOStream):
                 return
             except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 # The peer closed, with close_notify or without (ragged EOF,
-                # which most TLS peers do): an end of stream either way.
-                self._on_eof()
-                return
+                # which most TLS peers do): an end of stream either way,
+                # handled below, outside this block: an error raised while
+                # passing it on must not chain to this one.
+                n = 0
             except ssl.SSLWantWriteError:
                 # Rare (TLS renegotiation/key update): retry once writable.
                 self._want_write_for_read()
                 return
             except (ssl.SSLError, OSError) as e:
-                self.close(e)
+                self._close_on_error(e)
                 return
             if n == 0:
                 self._on_eof()
@@ -420,7 +421,7 @@ class SSLIOStream(IOStream):
                 self._want_read_for_write()
                 return 0
             except (ssl.SSLError, OSError) as e:
-                self.close(e)
+                self._close_on_error(e)
                 return -1
             self._bytes_sent += sent
             return sent
@@ -435,7 +436,7 @@ class SSLIOStream(IOStream):
                 self._want_read_for_write()
                 break
             except (ssl.SSLError, OSError) as e:
-                self.close(e)
+                self._close_on_error(e)
                 return -1
             total += sent
             self._bytes_sent += sent

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import os
 import queue
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -572,3 +574,30 @@ def server_process(command: list[str], tmp_path: Path) -> Iterator[tuple[Any, Pa
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def ragged_client(port: int, context: ssl.SSLContext) -> None:
+    """Echo once, then close the socket without close_notify (most clients do)."""
+    assert tls_connect(port, context).data == b"hello"
+
+
+def resetting_client(port: int, context: ssl.SSLContext) -> None:
+    """Echo once, then reset the connection."""
+    with socket.create_connection((HOST, port), timeout=10) as raw:
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"hello")
+        assert tls.recv(5) == b"hello"
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()
+
+
+@contextlib.contextmanager
+def without_cycle_collector() -> Iterator[None]:
+    """Turn the cycle collector off: objects left are then those in reference cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

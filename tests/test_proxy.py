@@ -15,6 +15,7 @@ import shlex
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,12 @@ from servers import (
     close_writer,
     echoed_clients,
     open_tls,
+    ragged_client,
     raw_connect,
     read_to_eof,
+    resetting_client,
     until,
+    without_cycle_collector,
 )
 
 from securetcp.certs import PeerIdentity
@@ -874,6 +878,33 @@ async def test_a_proxied_connection_holds_no_task(pki: PKI, no_fd_leak: None) ->
             assert proxy.stats.active == 10
             assert len(asyncio.all_tasks()) == tasks_before
         await until(lambda: proxy.stats.active == 0)
+
+
+@pytest.mark.parametrize("client", ["ragged", "reset"])
+async def test_a_finished_proxied_connection_is_freed_at_once(
+    pki: PKI, no_fd_leak: None, client: str
+) -> None:
+    # Without the cycle collector, what is left of a connection is what a
+    # reference cycle holds; it would wait for the collector (see test_tcpserver).
+    refs: list[weakref.ref[IOStream]] = []
+
+    class Remembering(TLSProxy):
+        def handle_stream(self, stream: IOStream, address: Any) -> asyncio.Future[None]:
+            refs.append(weakref.ref(stream))
+            return super().handle_stream(stream, address)
+
+    context = pki.client_context()
+    with without_cycle_collector():
+        async with running(services_echo.EchoServer()) as upstream_port:
+            proxy = Remembering((HOST, upstream_port), ssl_options=pki.ssl_options())
+            async with running(proxy) as port:
+                exchange = ragged_client if client == "ragged" else resetting_client
+                for _ in range(3):
+                    await asyncio.to_thread(exchange, port, context)
+                await until(lambda: proxy.stats.active == 0 and len(refs) == 3)
+                await asyncio.sleep(0)  # the loop's callbacks for the last close
+                alive = [ref() for ref in refs if ref() is not None]
+                assert alive == [], f"{len(alive)} finished client streams still referenced"
 
 
 async def test_upstream_with_the_wrong_name_is_refused(pki: PKI, no_fd_leak: None) -> None:

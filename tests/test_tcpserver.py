@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import ssl
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,19 @@ from servers import (
     close_writer,
     echo_once,
     open_tls,
+    ragged_client,
     raw_connect,
     read_to_eof,
+    resetting_client,
     server_context,
     serving,
     tls_attempt,
     until,
+    without_cycle_collector,
 )
 
 from securetcp.iostream import IOStream, SSLIOStream, StreamClosedError
+from securetcp.services import echo as services_echo
 from securetcp.tcpserver import ServerStats, TCPServer, classify_handshake_error
 
 
@@ -437,6 +442,46 @@ async def test_count_failure_adds_a_subclass_reason_to_stats(pki: PKI, no_fd_lea
         stats = server.stats
         assert stats.failures == {"bad_greeting": 2}
         assert stats.handshakes == 3
+
+
+# ------------------------------------------------------- freeing closed ones
+
+
+class WeaklyRemembering(services_echo.EchoServer):
+    """The echo service, keeping only weak references to its streams."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream_refs: list[weakref.ref[IOStream]] = []
+
+    def handle_stream(self, stream: IOStream, address: Any) -> Any:
+        self.stream_refs.append(weakref.ref(stream))
+        return super().handle_stream(stream, address)
+
+
+@pytest.mark.parametrize("client", ["close_notify", "ragged", "reset"])
+async def test_a_closed_connection_is_freed_at_once(
+    pki: PKI, no_fd_leak: None, client: str
+) -> None:
+    # Without the cycle collector: a stream in a reference cycle (an error
+    # whose traceback holds the stream's frames, say) would keep its OpenSSL
+    # connection and buffers until the next collection of its generation,
+    # which for a long-lived connection can be a very long time.
+    server = WeaklyRemembering(ssl_options=pki.ssl_options())
+    context = pki.client_context()
+    with without_cycle_collector():
+        async with serving(server) as port:
+            for _ in range(3):
+                if client == "close_notify":
+                    assert await echo_once(port, context, b"hello") == b"hello"
+                elif client == "ragged":
+                    await asyncio.to_thread(ragged_client, port, context)
+                else:
+                    await asyncio.to_thread(resetting_client, port, context)
+            await until(lambda: server.stats.active == 0 and len(server.stream_refs) == 3)
+            await asyncio.sleep(0)  # the loop's callbacks for the last close
+            alive = [ref() for ref in server.stream_refs if ref() is not None]
+            assert alive == [], f"{len(alive)} closed streams still referenced: {alive}"
 
 
 # ----------------------------------------------------------- lifecycle
