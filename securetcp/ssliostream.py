@@ -17,6 +17,7 @@ is the one place that rule lives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import weakref
@@ -139,6 +140,7 @@ class SSLIOStream(IOStream):
         "_handshake_timer",
         "_peer_identity",
         "_peer_identity_parsed",
+        "_ragged_eof",
         "_ssl_object",
         "_tls",
         "_tls_conn",
@@ -209,6 +211,7 @@ class SSLIOStream(IOStream):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._peer_identity: PeerIdentity | None = None
         self._peer_identity_parsed = False
+        self._ragged_eof = False  # the peer closed without close_notify
         #: Why the handshake failed, if it did.
         self.handshake_error: BaseException | None = None
 
@@ -374,11 +377,15 @@ class SSLIOStream(IOStream):
                 n = tls.read(full, scratch)
             except ssl.SSLWantReadError:
                 return
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                # The peer closed, with close_notify or without (ragged EOF,
-                # which most TLS peers do): an end of stream either way,
-                # handled below, outside this block: an error raised while
-                # passing it on must not chain to this one.
+            except ssl.SSLZeroReturnError:
+                n = 0  # the peer's close_notify: the end of stream, handled below
+            except ssl.SSLEOFError:
+                # The peer closed without close_notify (a ragged EOF, which
+                # most TLS peers do): an end of stream all the same. OpenSSL
+                # has answered it with an alert, its connection is over.
+                # (Handled below, outside this block: an error raised while
+                # passing the end on must not chain to this one.)
+                self._ragged_eof = True
                 n = 0
             except ssl.SSLWantWriteError:
                 # Rare (TLS renegotiation/key update): retry once writable.
@@ -450,6 +457,13 @@ class SSLIOStream(IOStream):
         sends ours. Without that call (no ctypes path) a TCP FIN ends the
         direction instead (a TLS peer may call that a truncation).
         """
+        if self._ragged_eof:
+            # No close_notify after OpenSSL's alert. The peer, gone first, may
+            # have answered that alert with a reset: then the FIN cannot go,
+            # and nothing is lost (the peer had closed).
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+            return
         lib = _libssl
         if self._tls_ptr and lib is not None and self._handshake_done:
             if lib.shutdown(self._tls_ptr) >= 0:

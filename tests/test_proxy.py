@@ -880,6 +880,22 @@ async def test_a_proxied_connection_holds_no_task(pki: PKI, no_fd_leak: None) ->
         await until(lambda: proxy.stats.active == 0)
 
 
+async def test_a_client_closing_without_close_notify_is_not_counted_as_broken(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_fd_leak: None
+) -> None:
+    # Most TLS clients close without close_notify. OpenSSL answers that EOF
+    # with an alert, the closed client's kernel with a reset, and passing the
+    # upstream's end on to the client then fails: not the client's fault.
+    caplog.set_level(logging.INFO, logger="securetcp.proxy")
+    async with chain(services_echo.EchoServer(), ssl_options=pki.ssl_options()) as (proxy, port):
+        for _ in range(3):
+            await asyncio.to_thread(ragged_client, port, pki.client_context())
+        await until(lambda: proxy.stats.active == 0 and proxy.stats.handshakes == 3)
+        assert proxy.stats.failures == {}
+    broken = [r.getMessage() for r in caplog.records if "broke" in r.getMessage()]
+    assert broken == []
+
+
 @pytest.mark.parametrize("client", ["ragged", "reset"])
 async def test_a_finished_proxied_connection_is_freed_at_once(
     pki: PKI, no_fd_leak: None, client: str
