@@ -489,7 +489,17 @@ async def test_faults_leave_the_proxy_serving_without_leaks(tmp_path: Path, pki:
             await until(
                 lambda: upstream.stats.active == 0, timeout=10.0, message="the warm-up closed"
             )
-            baseline = proxy.fd_count()
+            # The upstream has closed, but the proxy may not have handled that yet
+            # (under load): counting now could take the warm-up's two descriptors
+            # into the baseline. A connection echoed through the proxy is the
+            # barrier: its echo takes several turns of the proxy's loop, the
+            # first of which already saw the upstream's end. It holds two
+            # descriptors (the client's and the upstream's).
+            reader, writer = await open_tls(port, pki.client_context())
+            writer.write(b"barrier")
+            assert await asyncio.wait_for(reader.readexactly(7), 10) == b"barrier"
+            baseline = proxy.fd_count() - 2
+            await close_writer(writer)
 
             # The upstream resets mid-transfer: the client is reset too.
             reader, writer = await open_tls(port, pki.client_context())
