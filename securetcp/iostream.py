@@ -105,12 +105,13 @@ _scratch = threading.local()
 
 
 def _detached(error: BaseException) -> BaseException:
-    """`error`, raised by one of a stream's own calls, made fit to keep on it.
+    """`error`, caught by the stream or by securetcp code that owns it, made fit to keep on it.
 
-    Its traceback and context go: their frames are the stream's own and
-    would hold it, with its socket and OpenSSL connection, in a reference
-    cycle, freed only when the cycle collector next runs, which for a
-    long-lived connection can be long after it closed.
+    Its traceback and context go: their frames hold the stream and would
+    keep it, with its socket and OpenSSL connection, in a reference cycle,
+    freed only when the cycle collector next runs, which for a long-lived
+    connection can be long after it closed. (Log the traceback first if it
+    matters. Errors a caller hands to `IOStream.close` stay untouched.)
     """
     error.__traceback__ = None
     error.__context__ = None

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable, Generator
 from typing import Any
 
-from securetcp.iostream import IOStream, StreamClosedError
+from securetcp.iostream import IOStream, StreamClosedError, _detached
 
 __all__ = ["Relay"]
 
@@ -121,7 +121,7 @@ class Relay:
             written = self._sink.write(data)
         except Exception as e:  # a bug, not a peer: break both sides, visibly
             log.exception("relay: writing to %r failed", self._sink)
-            self._source.close(e)
+            self._source.close(_detached(e))  # logged; its frames would hold both streams
             abort(self._sink)
             self._stop()
             return

@@ -39,7 +39,7 @@ from typing import Any
 from securetcp._logging import RateLimitedLog, format_address
 from securetcp._poller import Poller, acquire_poller, release_poller
 from securetcp._proxy_accept import ProxyHeaderReader, TrustedProxies
-from securetcp.iostream import IOStream, StreamBufferFullError
+from securetcp.iostream import IOStream, StreamBufferFullError, _detached
 from securetcp.netutil import add_accept_handler, bind_sockets
 from securetcp.process import fork_processes
 from securetcp.relay import Relay
@@ -576,12 +576,12 @@ class TCPServer:
             # A certificate OpenSSL accepted but cryptography cannot parse
             # (it is stricter, and gets stricter each release).
             self._count_failure("certificate", address, e, f"unparseable peer certificate: {e}")
-            stream.close(e)
+            stream.close(_detached(e))  # its frames would hold the stream in a cycle
             return
         except Exception as e:
             log.exception("unexpected error after the TLS handshake with %s", address)
             self._count_failure("internal_error", address, e)
-            stream.close(e)
+            stream.close(_detached(e))  # logged above, traceback and all
             return
         if not allowed:
             self._rejected += 1

@@ -10,6 +10,7 @@ import array
 import asyncio
 import ctypes
 import datetime
+import gc
 import logging
 import os
 import shutil
@@ -27,10 +28,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
-from servers import HOST, EchoServer, close_writer, open_tls, raw_connect, serving, until
+from servers import (
+    HOST,
+    EchoServer,
+    close_writer,
+    open_tls,
+    raw_connect,
+    serving,
+    until,
+    without_cycle_collector,
+)
 
 from securetcp import (
     IOStream,
+    SSLIOStream,
     SSLOptionsError,
     StreamBufferFullError,
     StreamClosedError,
@@ -175,6 +186,44 @@ async def test_unparseable_client_certificate_is_closed_and_counted(
     assert stats.handshakes == 1
     assert server.streams == []  # handle_stream never saw it
     assert loop_errors == []
+
+
+def live_tls_streams() -> int:
+    """How many SSLIOStream objects exist (tracked ones, including any in cycles)."""
+    return sum(isinstance(o, SSLIOStream) for o in gc.get_objects())
+
+
+async def test_a_connection_refused_for_its_certificate_is_freed_at_once(
+    pki: PKI, tmp_path: Path, no_fd_leak: None
+) -> None:
+    # The refusal's ValueError comes from the server's own frames; kept on the
+    # stream with its traceback, it would hold the stream (and its OpenSSL
+    # connection) in a reference cycle until the cycle collector ran.
+    cert_file, key_file = unparseable_client_cert(pki, tmp_path)
+    config = TLSConfig(
+        pki.cert_file,
+        pki.key_file,
+        client_auth="required",
+        client_ca=pki.ca_file,
+        authorize=lambda identity: True,
+    )
+    server = EchoServer(config)
+    context = pki.client_context()
+    context.load_cert_chain(cert_file, key_file)
+    with without_cycle_collector():
+        async with serving(server) as port:
+            before = live_tls_streams()
+            for _ in range(3):
+                reader, writer = await open_tls(port, context)
+                try:
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                finally:
+                    await close_writer(writer)
+            await until(lambda: server.stats.failures == {"certificate": 3})
+            await until(
+                lambda: live_tls_streams() <= before,
+                message="every refused stream freed, none held by a reference cycle",
+            )
 
 
 # -- 3. writes of wide-item buffers --------------------------------------------------

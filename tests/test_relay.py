@@ -4,8 +4,12 @@ loopback), and a server whose handle_stream returns one (the echo service)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
 import ssl
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +22,9 @@ from servers import (
     raw_connect,
     read_to_eof,
     serving,
+    socket_pair,
     until,
+    without_cycle_collector,
 )
 from servers import stream_pair as make_stream_pair
 
@@ -210,3 +216,58 @@ async def test_the_readme_relay_echo_serves_tls(pki: PKI, no_fd_leak: None) -> N
         finally:
             await close_writer(writer)
         await until(lambda: server.stats.active == 0, message="the connection closed")
+
+
+class FormattedLines(logging.Handler):
+    """Keeps each record as its formatted text only (no traceback objects)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def formatted_logs(name: str) -> Iterator[list[str]]:
+    """Records of logger `name`, as text, kept from every other handler
+    (pytest's own keep the records, and with them their tracebacks)."""
+    logger = logging.getLogger(name)
+    handler = FormattedLines()
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield handler.lines
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(handler)
+
+
+async def test_a_relay_broken_by_a_failing_write_is_logged_and_leaves_no_cycle(
+    no_fd_leak: None,
+) -> None:
+    class FailingSink(IOStream):
+        def write(self, data: Any) -> asyncio.Future[None]:
+            raise RuntimeError("a bug in the sink")
+
+    (source_sock, client_sock), (sink_sock, far_sock) = await socket_pair(), await socket_pair()
+    client = IOStream(client_sock)
+    far = IOStream(far_sock)
+    try:
+        with without_cycle_collector(), formatted_logs("securetcp.relay") as logged:
+            source = IOStream(source_sock)
+            relay = Relay(source, FailingSink(sink_sock))
+            await client.write(b"anything")
+            await asyncio.wait_for(relay, 5)
+            assert isinstance(source.error, RuntimeError) and source.closed()
+            assert len(logged) == 1 and "relay: writing to" in logged[0]
+            assert "RuntimeError: a bug in the sink" in logged[0]  # with its traceback
+            # The error kept on the source must not hold it (through its
+            # traceback's frames) in a reference cycle.
+            source_ref = weakref.ref(source)
+            del source, relay
+            await until(lambda: source_ref() is None, message="the broken source freed")
+    finally:
+        client.close()
+        far.close()
