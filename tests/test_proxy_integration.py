@@ -561,7 +561,12 @@ async def test_upstream_down_or_silent_closes_clients_at_once(tmp_path: Path, pk
             # Serving (the loop's own descriptors exist) before the baseline is taken.
             await down.wait_listening(port)
             await quiet.wait_listening(silent_proxy)
-            # wait_listening's probe is a plain client too: its upstream times out first.
+            # wait_listening's probes must be gone before the baseline: the TLS
+            # proxy's failed handshake (a plain client that left) is logged when
+            # it closes, and the plain proxy's probe waits out its upstream.
+            await until(
+                lambda: "failed (eof)" in down.output(), timeout=10.0, message="the probe's end"
+            )
             await until(
                 lambda: "timed out" in quiet.output(), timeout=10.0, message="the probe's timeout"
             )
