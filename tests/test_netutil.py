@@ -174,13 +174,31 @@ def test_reuse_port_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
         bind_sockets(0, "127.0.0.1", reuse_port=True)
 
 
+def _bind_where_ipv4_is_free(ipv6_sock: socket.socket) -> int:
+    """Bind ``ipv6_sock`` to ::1 on a port that 127.0.0.1 can bind too.
+
+    A port the kernel picks for ::1 may still be held on 127.0.0.1 by an
+    earlier test's client connection in TIME_WAIT; a port it picks for
+    127.0.0.1 is free there.
+    """
+    for _ in range(50):
+        with socket.socket() as ipv4:
+            ipv4.bind(("127.0.0.1", 0))  # never listens: leaves no TIME_WAIT
+            port: int = ipv4.getsockname()[1]
+            try:
+                ipv6_sock.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("found no port free on both 127.0.0.1 and ::1")
+
+
 @needs_linux
 @pytest.mark.usefixtures("dual_stack_localhost")
 def test_fixed_port_in_use_closes_partial_sockets() -> None:
     with socket.socket(socket.AF_INET6) as blocker:
-        blocker.bind(("::1", 0))
+        port = _bind_where_ipv4_is_free(blocker)
         blocker.listen()
-        port = blocker.getsockname()[1]
         before = _open_fds()
         with pytest.raises(OSError) as exc_info:
             bind_sockets(port, "localhost")  # IPv4 binds, then ::1 fails
