@@ -1,8 +1,10 @@
-"""Build the C reference server (servers/c_echo.c) when its source changes.
+"""Build the C programs (the reference server, the load generator) when their source changes.
 
-The binary goes to ``benchmarks/build/`` (untracked). Without a C compiler or
-the OpenSSL headers, :func:`binary` raises :class:`BuildError`, which the
-harness reports as that row's failure reason; the run goes on.
+Binaries go to ``benchmarks/build/`` (untracked). Each is linked against the
+TLS library its source names in :data:`LIBS` (OpenSSL unless listed). Without
+a C compiler or the library's headers, :func:`binary` raises
+:class:`BuildError`, which the harness reports as that row's failure reason
+(or, for the load generator, falls back on); the run goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from benchmarks.procs import ServerFailed
 
 BUILD_DIR = Path(__file__).resolve().parent / "build"
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
-LIBS = ("-lssl", "-lcrypto")
+OPENSSL_LIBS = ("-lssl", "-lcrypto")
+# Sources that are not OpenSSL programs: their libraries and Debian package.
+LIBS = {"handshake_gnutls.c": (("-lgnutls",), "libgnutls28-dev")}
 COMPILE_TIMEOUT = 120.0
 
 
@@ -48,7 +52,8 @@ def _build(source: Path) -> Path | str:
         error = _compile(source, target)
         if error:
             return f"cannot build {source.name}: {error}"
-    _check_openssl(target)
+    if source.name not in LIBS:
+        _check_openssl(target)
     return target
 
 
@@ -59,7 +64,8 @@ def _compile(source: Path, target: Path) -> str | None:
         return f"no C compiler ({cc!r} not found; install gcc)"
     BUILD_DIR.mkdir(exist_ok=True)
     partial = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    cmd = [cc, *CFLAGS, "-o", str(partial), str(source), *LIBS]
+    libs, package = LIBS.get(source.name, (OPENSSL_LIBS, "libssl-dev"))
+    cmd = [cc, *CFLAGS, "-o", str(partial), str(source), *libs]
     try:
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False
@@ -68,8 +74,8 @@ def _compile(source: Path, target: Path) -> str | None:
         return f"{' '.join(cmd)}: {e}"
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
-        if "openssl/" in done.stderr and "No such file" in done.stderr:
-            return "OpenSSL headers not found (install libssl-dev)"
+        if "No such file" in done.stderr and (".h" in done.stderr):
+            return f"headers not found (install {package})"
         tail = " | ".join(done.stderr.strip().splitlines()[-3:])
         return f"{cc} exited with status {done.returncode}: {tail}"
     partial.replace(target)  # atomic: a half-written binary is never run

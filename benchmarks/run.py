@@ -85,7 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="processes of the --scaling rows (default: the number of --server-cpus if more "
         "than one, else 2)",
     )
-    p.add_argument("--handshake-clients", type=int, default=4)
+    p.add_argument(
+        "--handshake-clients",
+        type=int,
+        default=4,
+        help="handshake connections in flight, spread over the load-generator CPUs (default 4)",
+    )
     p.add_argument("--bulk-connections", type=int, default=4)
     p.add_argument("--small-connections", type=int, default=64)
     p.add_argument("--idle-connections", type=int, default=1000)
