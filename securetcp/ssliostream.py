@@ -17,7 +17,6 @@ is the one place that rule lives.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 import weakref
@@ -458,11 +457,10 @@ class SSLIOStream(IOStream):
         direction instead (a TLS peer may call that a truncation).
         """
         if self._ragged_eof:
-            # No close_notify after OpenSSL's alert. The peer, gone first, may
-            # have answered that alert with a reset: then the FIN cannot go,
-            # and nothing is lost (the peer had closed).
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_WR)
+            # No close_notify after OpenSSL's alert, and no shutdown(): the
+            # read side has ended too, so close() follows at once and sends
+            # the FIN (the peer, gone first, has often reset the connection
+            # already: shutdown() then failed with ENOTCONN for nothing).
             return
         lib = _libssl
         if self._tls_ptr and lib is not None and self._handshake_done:
