@@ -44,6 +44,8 @@ _TLS_RECORD = 16384
 #: futures, and idle detection) moving during a long transfer at no cost to
 #: bulk speed.
 _TLS_WRITE_CHUNK = 4 * _TLS_RECORD
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_TCP_CORK: int = getattr(socket, "TCP_CORK", 0)  # Linux only; 0: none here
 
 
 #: How long, and how many bytes, a closing connection is drained (see `linger_close`).
@@ -133,6 +135,7 @@ class SSLIOStream(IOStream):
     """
 
     __slots__ = (
+        "_cork",
         "_handshake_callback",
         "_handshake_done",
         "_handshake_future",
@@ -211,6 +214,7 @@ class SSLIOStream(IOStream):
         self._peer_identity: PeerIdentity | None = None
         self._peer_identity_parsed = False
         self._ragged_eof = False  # the peer closed without close_notify
+        self._cork = _TCP_CORK != 0  # until the socket refuses it
         #: Why the handshake failed, if it did.
         self.handshake_error: BaseException | None = None
 
@@ -418,7 +422,7 @@ class SSLIOStream(IOStream):
         """
         tls = self._tls
         size = len(data)
-        if size <= _TLS_WRITE_CHUNK:
+        if size <= _TLS_RECORD:
             try:
                 sent: int = tls.write(data)
             except ssl.SSLWantWriteError:
@@ -431,6 +435,29 @@ class SSLIOStream(IOStream):
                 return -1
             self._bytes_sent += sent
             return sent
+        # OpenSSL hands each 16 KiB record to the kernel in a write() of its
+        # own; corked, the records of one call leave as one TCP push instead
+        # of one each (the uncork sends them at once).
+        if not (self._cork and self._set_cork(1)):
+            return self._send_records(data)
+        try:
+            return self._send_records(data)
+        finally:
+            if not self._closed:
+                self._set_cork(0)
+
+    def _set_cork(self, on: int) -> bool:
+        """Set TCP_CORK; False (and no more corking) where the socket has none."""
+        try:
+            self._sock.setsockopt(_IPPROTO_TCP, _TCP_CORK, on)
+        except OSError:  # not TCP (a Unix socket), or the connection is gone
+            self._cork = False
+            return False
+        return True
+
+    def _send_records(self, data: bytes | bytearray | memoryview) -> int:
+        tls = self._tls
+        size = len(data)
         view = memoryview(data)
         total = 0
         while total < size:

@@ -939,6 +939,42 @@ async def test_many_concurrent_handshakes(pki: PKI, no_fd_leak: None) -> None:
         assert stats.bytes_received == stats.bytes_sent == sum(map(len, payloads))
 
 
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+async def test_writes_of_many_records_arrive_whole(
+    pki: PKI, tmp_path: Path, no_fd_leak: None, family: str
+) -> None:
+    # A write of several TLS records goes out corked on TCP; a Unix socket
+    # has no TCP_CORK, and must send them all the same.
+    from securetcp.netutil import bind_sockets, bind_unix_socket
+
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+    server = EchoServer(pki.ssl_options())
+    path = str(tmp_path / "server.sock")
+    if family == "unix":
+        server.add_socket(bind_unix_socket(path))
+        connecting = asyncio.open_unix_connection(
+            path, ssl=pki.client_context(), server_hostname="localhost"
+        )
+    else:
+        [sock] = bind_sockets(0, HOST)
+        server.add_socket(sock)
+        port = sock.getsockname()[1]
+        connecting = asyncio.open_connection(
+            HOST, port, ssl=pki.client_context(), server_hostname="localhost"
+        )
+    try:
+        reader, writer = await asyncio.wait_for(connecting, 10)
+        try:
+            writer.write(payload)
+            assert await asyncio.wait_for(reader.readexactly(len(payload)), 30) == payload
+        finally:
+            await close_writer(writer)
+        await until(lambda: server.stats.active == 0)
+        assert server.stats.bytes_sent == len(payload)
+    finally:
+        await server.close()
+
+
 async def test_unix_socket(pki: PKI, tmp_path: Path, no_fd_leak: None) -> None:
     from securetcp.netutil import bind_unix_socket
 
