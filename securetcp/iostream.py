@@ -801,7 +801,11 @@ class IOStream:
             self.close()  # both directions have ended
 
     def _send_end_of_stream(self) -> None:
-        self._sock.shutdown(socket.SHUT_WR)
+        # After the peer's end, close() follows at once (_finish_shutdown_write)
+        # and its FIN is the end of stream: a shutdown() first would be one
+        # more system call, failing with ENOTCONN when the peer has reset.
+        if not self._eof:
+            self._sock.shutdown(socket.SHUT_WR)
 
     # ----------------------------------------------------------------- close
 

@@ -481,20 +481,15 @@ class SSLIOStream(IOStream):
         ``SSLObject.shutdown()`` would wait for the peer's close_notify and
         discard the data before it; OpenSSL's SSL_shutdown called once only
         sends ours. Without that call (no ctypes path) a TCP FIN ends the
-        direction instead (a TLS peer may call that a truncation).
+        direction instead (a TLS peer may call that a truncation). After a
+        ragged EOF OpenSSL has sent its alert: no close_notify follows it.
         """
-        if self._ragged_eof:
-            # No close_notify after OpenSSL's alert, and no shutdown(): the
-            # read side has ended too, so close() follows at once and sends
-            # the FIN (the peer, gone first, has often reset the connection
-            # already: shutdown() then failed with ENOTCONN for nothing).
-            return
         lib = _libssl
-        if self._tls_ptr and lib is not None and self._handshake_done:
+        if not self._ragged_eof and self._tls_ptr and lib is not None and self._handshake_done:
             if lib.shutdown(self._tls_ptr) >= 0:
                 return
             lib.clear_errors()  # leave no stale error for the ssl module
-        self._sock.shutdown(socket.SHUT_WR)
+        super()._send_end_of_stream()
 
     def _want_read_for_write(self) -> None:
         # TLS must read before it can write (a key update); the reader, once

@@ -581,6 +581,24 @@ def ragged_client(port: int, context: ssl.SSLContext) -> None:
     assert tls_connect(port, context).data == b"hello"
 
 
+def half_close_without_close_notify(port: int, context: ssl.SSLContext) -> bytes:
+    """Echo once, end the sending side with a bare TCP FIN, read to the end.
+
+    Returns the echo; raises if the server's end is a reset instead of a FIN.
+    """
+    with socket.create_connection((HOST, port), timeout=10) as raw:
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"hello")
+        echoed = b""
+        while len(echoed) < 5:
+            echoed += tls.recv(5 - len(echoed))
+        # socket.socket's own methods: the TCP stream under TLS, no close_notify.
+        socket.socket.shutdown(tls, socket.SHUT_WR)
+        while socket.socket.recv(tls, 4096):  # OpenSSL's alert, then the FIN
+            pass
+        return echoed
+
+
 def resetting_client(port: int, context: ssl.SSLContext) -> None:
     """Echo once, then reset the connection."""
     with socket.create_connection((HOST, port), timeout=10) as raw:

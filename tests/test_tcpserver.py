@@ -21,6 +21,7 @@ from servers import (
     MemoryTLSClient,
     close_writer,
     echo_once,
+    half_close_without_close_notify,
     open_tls,
     ragged_client,
     raw_connect,
@@ -485,24 +486,6 @@ async def test_a_closed_connection_is_freed_at_once(
                 lambda: all(ref() is None for ref in server.stream_refs),
                 message="every closed stream freed, none held by a reference cycle",
             )
-
-
-def half_close_without_close_notify(port: int, context: ssl.SSLContext) -> bytes:
-    """Echo once, end the sending side with a bare TCP FIN, read to the end.
-
-    Returns the echo; raises if the server's end is a reset instead of a FIN.
-    """
-    with socket.create_connection((HOST, port), timeout=10) as raw:
-        tls = context.wrap_socket(raw, server_hostname="localhost")
-        tls.sendall(b"hello")
-        echoed = b""
-        while len(echoed) < 5:
-            echoed += tls.recv(5 - len(echoed))
-        # socket.socket's own methods: the TCP stream under TLS, no close_notify.
-        socket.socket.shutdown(tls, socket.SHUT_WR)
-        while socket.socket.recv(tls, 4096):  # OpenSSL's alert, then the FIN
-            pass
-        return echoed
 
 
 async def test_a_ragged_end_of_stream_is_answered_with_a_fin(pki: PKI, no_fd_leak: None) -> None:

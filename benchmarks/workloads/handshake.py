@@ -14,6 +14,7 @@ the generator at its limit.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import select
@@ -36,25 +37,23 @@ GENERATOR_SOURCE = Path(__file__).resolve().parent.parent / "clients" / "handsha
 
 def run(target: Target, params: Params) -> Measurement:
     """Measure handshakes/s with ``params.handshake_clients`` connections in flight."""
-    try:
-        generator = cbuild.binary(GENERATOR_SOURCE)
-    except cbuild.BuildError as e:
-        _warn_once(f"bench: warning: {e}; handshakes driven by Python clients instead")
+    generator = _generator()
+    if generator is None:
         measured = _run_python_clients(target, params)
-        measured.extra["gnutls_generator"] = 0.0  # the JSON says which generator ran
     else:
         measured = _run_c_generator(generator, target, params)
-        measured.extra["gnutls_generator"] = 1.0
+    measured.extra["gnutls_generator"] = float(generator is not None)  # which one ran
     return measured
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(message, file=sys.stderr)
+@functools.cache
+def _generator() -> Path | None:
+    """The built load generator; None, said once per run, where it cannot be built."""
+    try:
+        return cbuild.binary(GENERATOR_SOURCE)
+    except cbuild.BuildError as e:
+        print(f"bench: warning: {e}; handshakes driven by Python clients instead", file=sys.stderr)
+        return None
 
 
 # ------------------------------------------------------------- C generator
